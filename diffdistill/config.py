@@ -91,6 +91,11 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string: accept it as a number
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
         return False, value
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value

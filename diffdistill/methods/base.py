@@ -60,6 +60,7 @@ class OptimConfig:
     grad_clip: float = 10.0
     lr_schedule: str = "constant_with_warmup"
     warmup_steps: int = 0
+    ema_decay: float = 0.0  # EMA of the student's trainable weights (diffusers EMAModel); 0 disables
 
 
 class Method:
@@ -95,11 +96,16 @@ class Method:
         self.schedulers: dict[str, Any] = {}
         self.accelerator = None
         self.last_grad_norm: dict[str, float] = {}
+        self.ema = None
         if teacher is not None:
             for p in teacher.parameters():
                 p.requires_grad_(False)
             teacher.eval()
         self.add_network("student", student.net)
+        if self.optim.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(trainable_parameters(student.net), decay=self.optim.ema_decay)
 
     # ----------------------------------------------------------------------------------------------
     # Networks and optimizers
@@ -130,6 +136,8 @@ class Method:
                 net.to(accelerator.device)
         if self.teacher is not None:
             self.teacher.to(accelerator.device)
+        if self.ema is not None:
+            self.ema.to(accelerator.device)
 
     @property
     def device(self) -> torch.device:
@@ -152,7 +160,30 @@ class Method:
         self.schedulers[name].step()
         opt.zero_grad(set_to_none=True)
         self.last_grad_norm[name] = float(norm) if norm is not None else float("nan")
+        if name == "student" and self.ema is not None:
+            self.ema.step(trainable_parameters(self.student.net))
         return self.last_grad_norm[name]
+
+    def ema_state(self) -> Optional[dict[str, Tensor]]:
+        """EMA shadow weights keyed by parameter name (``None`` without EMA), for checkpoints."""
+        if self.ema is None:
+            return None
+        names = [n for n, p in self.student.net.named_parameters() if p.requires_grad]
+        return dict(zip(names, self.ema.shadow_params))
+
+    def load_ema_state(self, state: dict[str, Tensor]) -> None:
+        names = [n for n, p in self.student.net.named_parameters() if p.requires_grad]
+        self.ema.shadow_params = [state[n].to(self.device) for n in names]
+
+    def ema_student(self) -> Student:
+        """A copy of the student carrying the EMA weights (the student itself when EMA is off)."""
+        if self.ema is None:
+            return self.student
+        import copy
+
+        student = copy.deepcopy(self.student)
+        self.ema.copy_to(trainable_parameters(student.net))
+        return student
 
     # ----------------------------------------------------------------------------------------------
     # The step
@@ -164,9 +195,13 @@ class Method:
         """Hook after each step (stage switches, curricula); return anything worth logging."""
         return {}
 
-    def generator(self) -> Student:
-        """The student to sample from (the method may swap in EMA weights or a stage's model)."""
-        return self.student
+    def generator(self) -> Any:
+        """What to sample from: a :class:`Student` (one/few-step), or a :class:`Denoiser` that the
+        generator API integrates with an ODE solver (teacher training). EMA weights when EMA is on."""
+        return self.ema_student()
+
+    def save_artifacts(self, run_dir) -> None:
+        """Hook after each checkpoint on the main process (e.g. export a diffusers folder)."""
 
     # ----------------------------------------------------------------------------------------------
     # Extra state (counters, stage index): JSON-serialisable, saved in the checkpoint's meta.json.

@@ -1,0 +1,122 @@
+"""Teacher training: denoising score matching of a diffusers ``UNet2DModel`` (``diffdistill teacher train``).
+
+The network is a class-conditional (or unconditional) ``UNet2DModel`` with a DDPM schedule (linear betas
+1e-4..0.02, 1000 steps, DDPM's choice) and v- (default) or epsilon-prediction, saved as a plain diffusers
+folder that ``UNet2DModel.from_pretrained`` and ``DDPMScheduler.from_pretrained`` load.
+
+The loss is DDPM's: timesteps uniform over the 1000 levels, MSE on the network's prediction target. It is
+written through the denoiser contract, which is exact: with ``x = x0 + sigma n`` and the adapter's x0,
+``||v_hat - v||^2 = (1 + sigma^2) / sigma^2 * ||x0_hat - x0||^2`` and ``||eps_hat - eps||^2 =
+||x0_hat - x0||^2 / sigma^2`` — so the forward pass goes through the (DDP-wrapped) denoiser like every
+other method. Classifier-free guidance is enabled by dropping labels to the null class ``num_classes``
+with probability ``label_dropout`` (Ho & Salimans 2022).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import UserError
+from ..students import Student
+from .base import Batch, Method
+
+
+def _default_unet() -> dict:
+    return {"block_out_channels": [32, 64], "layers_per_block": 1,
+            "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+            "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+            "norm_num_groups": 16, "attention_head_dim": 16}
+
+
+@dataclass
+class DSMConfig:
+    unet: dict = field(default_factory=_default_unet)  # UNet2DModel kwargs (size and channels follow the data)
+    prediction_type: str = "v_prediction"  # v_prediction | epsilon | sample
+    num_train_timesteps: int = 1000  # DDPM's discrete schedule length
+    beta_schedule: str = "linear"  # diffusers beta schedule (DDPM: linear 1e-4..0.02)
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    label_dropout: float = 0.1  # probability of the null label, for classifier-free guidance
+    num_classes: Optional[int] = None  # None: the data's class count (0 = unconditional)
+
+
+class DSM(Method):
+    """Train a teacher from data with DDPM's denoising loss (see module docstring)."""
+
+    name = "dsm"
+    Config = DSMConfig
+
+    def __init__(self, student: Student, config: DSMConfig, optim=None, total_steps: int = 1000,
+                 meta: Optional[dict] = None) -> None:
+        super().__init__(None, student, config, optim, total_steps)
+        self.meta = meta or {}
+
+    @classmethod
+    def from_config(cls, cfg, optim, device):
+        """Build a fresh UNet whose resolution, channels and classes follow the data (unless set)."""
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        from ..data import build_dataset
+        from ..teachers import VPUNetDenoiser
+
+        c: DSMConfig = cfg.method_config
+        if c.prediction_type not in ("v_prediction", "epsilon", "sample"):
+            raise UserError(f"dsm.prediction_type must be v_prediction, epsilon or sample, got {c.prediction_type!r}")
+        data = build_dataset(cfg.data)
+        num_classes = c.num_classes if c.num_classes is not None else int(getattr(data, "num_classes", 0) or 0)
+        channels = cfg.data.channels or int(data.channels)
+        kwargs = dict(c.unet)
+        kwargs.update(sample_size=cfg.data.resolution, in_channels=channels, out_channels=channels)
+        if num_classes:
+            kwargs["num_class_embeds"] = num_classes + 1  # the last embedding is the null label
+        try:
+            unet = UNet2DModel(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"dsm.unet is not a valid UNet2DModel config: {e}") from None
+        scheduler = DDPMScheduler(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
+                                  beta_start=c.beta_start, beta_end=c.beta_end, prediction_type=c.prediction_type)
+        net = VPUNetDenoiser(unet, scheduler.config, num_classes=num_classes or None).to(device)
+        student = Student(net, [net.sigma_max])
+        meta = {"num_classes": num_classes or None, "sigma_data": 0.5, "data": cfg.data.name,
+                "resolution": cfg.data.resolution, "channels": channels, "trained_by": "diffdistill teacher train"}
+        return cls(student, c, optim, cfg.train.steps, meta), None
+
+    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
+        c: DSMConfig = self.config
+        net = self.student.net
+        x0 = batch.images
+        b = x0.shape[0]
+        t = torch.randint(0, len(net.sigmas), (b,), generator=batch.generator, device=batch.generator.device)
+        sigma = net.sigmas[t.to(net.sigmas.device)].to(x0.device)
+        noise = batch.randn(x0.shape, device=x0.device)
+        cond = batch.cond
+        if cond is not None and net.num_classes and c.label_dropout > 0:
+            drop = batch.rand((b,), device=x0.device) < c.label_dropout
+            cond = torch.where(drop, torch.full_like(cond, net.num_classes), cond)
+        x0_hat = self.wrapped["student"](x0 + sigma.view(-1, *[1] * (x0.ndim - 1)) * noise, sigma, cond)
+        weight = {"v_prediction": (1 + sigma**2) / sigma**2, "epsilon": 1 / sigma**2,
+                  "sample": torch.ones_like(sigma)}[c.prediction_type]
+        per_sample = ((x0_hat - x0) ** 2).flatten(1).mean(1)
+        loss = (weight * per_sample).mean()
+        self.update("student", loss)
+        return {"loss": loss.item(), "grad_norm": self.last_grad_norm["student"]}
+
+    def generator(self):
+        """A teacher is sampled with an ODE solver: return the (EMA) denoiser itself."""
+        return self.ema_student().net
+
+    def save_artifacts(self, run_dir) -> None:
+        """Export the (EMA) network as a diffusers folder at ``RUN/teacher`` (what ``teacher.path`` loads)."""
+        from diffusers import DDPMScheduler
+
+        from ..teachers import save_teacher_folder
+
+        net = self.ema_student().net
+        save_teacher_folder(net.unet, DDPMScheduler.from_config(net.scheduler_config), Path(run_dir) / "teacher", self.meta)
+
+
+METHOD = DSM

@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny teacher-training config on 8-px digits, and a tiny trained teacher folder."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import yaml
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_UNET = {"block_out_channels": [8, 16], "layers_per_block": 1,
+             "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+             "norm_num_groups": 4, "attention_head_dim": 8}
+
+
+def tiny_teacher_config(out, steps: int = 40, **train) -> dict:
+    """A teacher-training (dsm) config on 8-px digits that runs a step in milliseconds."""
+    t = {"steps": steps, "batch_size": 16, "seed": 0, "lr": 1e-3, "checkpoint_every": 20, "sample_every": 0,
+         "log_every": 10, "ema_decay": 0.9, "warmup_steps": 5}
+    t.update(train)
+    return {"method": "dsm", "output_dir": str(out), "data": {"name": "digits", "resolution": 8},
+            "train": t, "dsm": {"unet": TINY_UNET}}
+
+
+def write_config(path, data: dict):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_run(tmp_path_factory):
+    """A run folder of a 40-step tiny teacher (with its exported ``teacher/`` folder)."""
+    from diffdistill.config import config_from_dict
+    from diffdistill.training.loop import train
+
+    out = tmp_path_factory.mktemp("tiny_teacher") / "run"
+    return train(config_from_dict(tiny_teacher_config(out)))
