@@ -31,23 +31,41 @@ class Batch:
         images: ``[B, C, H, W]`` clean samples (latents for latent teachers; ``[B, D]`` for toy data),
             or ``None`` for data-free methods.
         cond: the batch's condition (labels, :class:`TextCond` or ``None``).
-        generator: a ``torch.Generator`` seeded from ``(train.seed, step, process)``; methods draw all
-            their randomness from it, so a resumed run repeats the interrupted one exactly.
+        generator: a ``torch.Generator`` seeded from ``(train.seed, step)``, the same on every process.
+            Draw all randomness through :meth:`randn` / :meth:`rand` / :meth:`randint`: a draw whose first
+            dimension is the per-process batch size is drawn for the *global* batch and sliced, so two
+            processes see exactly the noise one process would; any other draw (e.g. DMD2's backward
+            simulation depth) is identical on every process. A resumed run repeats the interrupted one.
         size: the per-process batch size.
+        rank, world: this process's index and the number of processes.
     """
 
     images: Optional[Tensor]
     cond: Cond
     generator: torch.Generator
     size: int
+    rank: int = 0
+    world: int = 1
+
+    def _draw(self, fn, shape, device, **kw) -> Tensor:
+        shape = tuple(shape)
+        device = device or self.generator.device
+        if self.world > 1 and shape and shape[0] == self.size:
+            full = fn((self.size * self.world, *shape[1:]), generator=self.generator, device=self.generator.device, **kw)
+            return full[self.rank * self.size:(self.rank + 1) * self.size].to(device)
+        return fn(shape, generator=self.generator, device=self.generator.device, **kw).to(device)
 
     def randn(self, shape, device=None) -> Tensor:
-        """Standard normal noise from the step's generator."""
-        return torch.randn(shape, generator=self.generator, device=device or self.generator.device)
+        """Standard normal noise (see the class docstring for how processes share the stream)."""
+        return self._draw(torch.randn, shape, device)
 
     def rand(self, shape, device=None) -> Tensor:
-        """Uniform [0, 1) noise from the step's generator."""
-        return torch.rand(shape, generator=self.generator, device=device or self.generator.device)
+        """Uniform [0, 1) noise."""
+        return self._draw(torch.rand, shape, device)
+
+    def randint(self, high: int, shape, device=None) -> Tensor:
+        """Uniform integers in ``[0, high)``."""
+        return self._draw(lambda s, **kw: torch.randint(high, s, **kw), shape, device)
 
 
 @dataclass

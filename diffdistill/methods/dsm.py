@@ -90,7 +90,7 @@ class DSM(Method):
         net = self.student.net
         x0 = batch.images
         b = x0.shape[0]
-        t = torch.randint(0, len(net.sigmas), (b,), generator=batch.generator, device=batch.generator.device)
+        t = batch.randint(len(net.sigmas), (b,))
         sigma = net.sigmas[t.to(net.sigmas.device)].to(x0.device)
         noise = batch.randn(x0.shape, device=x0.device)
         cond = batch.cond

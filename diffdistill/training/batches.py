@@ -4,7 +4,8 @@ The global batch of step ``k`` is ``global_batch`` indices drawn without replace
 seeded with ``(seed, k)``; process ``r`` of ``W`` takes slice ``r``. So a resumed run sees exactly the
 batches the interrupted one would have, each process sees its own shard, and the union over processes
 equals the one-process batch. The step's noise comes from a second generator seeded with
-``(seed, k, r)`` (:class:`~diffdistill.methods.Batch`).
+``(seed, k)`` that draws for the global batch (:class:`~diffdistill.methods.Batch`), so W processes
+reproduce the one-process run up to the order of floating-point reductions.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class BatchSource:
         return images, labels
 
     def __call__(self, step: int) -> Batch:
-        gen = torch.Generator(device=self.device).manual_seed(_mix(self.seed, step, self.rank, 1))
+        gen = torch.Generator(device=self.device).manual_seed(_mix(self.seed, step, 1))
         images, cond = None, None
         if self.prompts is not None:
             idx = self.indices(step, len(self.prompts))
@@ -92,7 +93,9 @@ class BatchSource:
                                     "(put images in one sub-folder per class)")
                 cond = labels.to(self.device)
         elif self.num_classes and cond is None:
-            # data-free methods on class-conditional teachers: uniform random labels
-            cpu = torch.Generator().manual_seed(_mix(self.seed, step, self.rank, 2))
-            cond = torch.randint(self.num_classes, (self.local,), generator=cpu).to(self.device)
-        return Batch(images=images, cond=cond_to(cond, self.device), generator=gen, size=self.local)
+            # data-free methods on class-conditional teachers: uniform random labels (global draw, sliced)
+            cpu = torch.Generator().manual_seed(_mix(self.seed, step, 2))
+            cond = torch.randint(self.num_classes, (self.global_batch,), generator=cpu)
+            cond = cond[self.rank * self.local:(self.rank + 1) * self.local].to(self.device)
+        return Batch(images=images, cond=cond_to(cond, self.device), generator=gen, size=self.local,
+                     rank=self.rank, world=self.world)
