@@ -1,0 +1,325 @@
+"""DMD2 — Improved Distribution Matching Distillation (Yin et al., NeurIPS 2024).
+
+Networks: the frozen teacher (the "real" score, classifier-free guided), a trainable *fake score*
+``D_fake`` (a copy of the unguided teacher) that tracks the generator's distribution, the generator ``G``
+(the student) and a small GAN head on ``D_fake``'s bottleneck features (:mod:`.gan_head`).
+
+Generator turn (every ``dfake_gen_update_ratio`` iterations; critic parameters frozen)::
+
+    x = G(z, c);  s ~ U(grid[2% .. 98%]);  x_s = sg(x) + s n
+    grad = nan_to_num((D_fake(x_s) - D_real_cfg(x_s)) / mean_CHW |x - D_real_cfg(x_s)|)
+    L_G = 0.5 mean((x - sg(x - grad))^2) + w_gan_g softplus(-head(feat(x + s' n')))
+
+so ``dL_dm/dx = grad / numel`` — the KL gradient ``s_fake - s_real`` of DMD (eq. 2), normalised per sample.
+Critic turn (every iteration, on the same ``sg(x)``)::
+
+    L_fake = mean(lambda(s) (D_fake(x + s n, s) - x)^2),  s ~ U(whole grid)
+    L_D = softplus(head(feat(x + s' n))) + softplus(-head(feat(real + s'' n'')))
+    L_critic = L_fake + w_gan_d L_D            # L_D trains the head and the fake-score backbone
+
+K-step students (``student.levels``): *backward simulation* picks one level ``k`` per batch, runs the
+current generator ``k`` steps without gradients, re-noises to ``levels[k]`` and trains ``G`` on its one
+prediction there, so no gradient ever flows through the chain. Order of turns, random labels for the
+generator and the per-iteration LR schedule follow the official code (tianweiy/DMD2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..denoiser import CFGDenoiser, Cond, Denoiser, append_dims, cond_cat
+from ..errors import UserError
+from ..schedules import karras_sigmas
+from ..students import Student
+from .base import Batch, Method, OptimConfig
+from .gan_head import GANHead, bottleneck_features, feature_shape
+
+
+@dataclass
+class DMD2Config:
+    """The ``dmd2:`` config section. Defaults: the official ImageNet-64 run (``main/edm``)."""
+
+    guidance_scale: float = 1.0  # CFG scale on the teacher ("real") score only: 1 ImageNet, 1.75 SD1.5, 8 SDXL
+    dfake_gen_update_ratio: int = 5  # critic steps per generator step (two time-scale rule); 10 for SD1.5
+    dm_loss_weight: float = 1.0  # weight of the distribution-matching loss in the generator objective
+    gan: bool = True  # GAN head and losses on (DMD2); false leaves DMD with the two time-scale rule
+    gan_start_step: int = 0  # iteration the GAN terms switch on (ImageNet FID 1.28: DMD-only stage, then GAN)
+    gan_gen_weight: float = 3e-3  # generator GAN weight: 3e-3 ImageNet, 1e-3 SD1.5, 5e-3 SDXL
+    gan_critic_weight: float = 1e-2  # critic GAN weight; larger values made the fake score collapse
+    gan_max_quantile: float = 1.0  # GAN noise: grid index ~ U[0, q T) (diffusion_gan_max_timestep / T = 1000/1000)
+    min_quantile: float = 0.02  # DM loss sigma: lowest quantile of the teacher grid (min_step_percent)
+    max_quantile: float = 0.98  # DM loss sigma: highest quantile of the teacher grid (max_step_percent)
+    fake_weighting: str = "edm"  # fake-score loss weight: 'edm' 1/s^2 + 1/sd^2 (EDM teachers), 'eps' 1/s^2 (SD)
+    grid_levels: int = 1000  # Karras grid (rho 7) levels when the teacher has no discrete grid (official EDM)
+    lr: Optional[float] = None  # generator lr (None: train.lr); 2e-6 ImageNet, 5e-7 SD1.5/SDXL with GAN
+    lr_fake: Optional[float] = None  # fake score and GAN head lr (None: the generator's); official: equal
+    backward_simulation: bool = True  # K-step: train level k on the generator's own samples (else real data)
+    generator_labels: str = "random"  # class-conditional generator labels: 'random' (official) or 'batch'
+
+
+def distribution_matching_loss(x: Tensor, mu_real: Tensor, mu_fake: Tensor) -> tuple[Tensor, Tensor]:
+    """DMD2's distribution-matching loss and its per-element gradient direction.
+
+    ``grad = nan_to_num((mu_fake - mu_real) / mean_{C,H,W} |x - mu_real|)`` (per-sample normaliser,
+    DMD eq. 8) and ``L = 0.5 * mean((x - sg(x - grad))^2)``, whose gradient w.r.t. ``x`` is
+    ``grad / x.numel()``. ``mu_*`` are treated as constants. Returns ``(L, grad)``.
+    """
+    with torch.no_grad():
+        p_real = x - mu_real
+        p_fake = x - mu_fake
+        norm = p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+        grad = torch.nan_to_num((p_real - p_fake) / norm)
+    return 0.5 * F.mse_loss(x.float(), (x - grad).detach().float()), grad
+
+
+class DMD2(Method):
+    """DMD2 distillation; see the module docstring for the losses.
+
+    Args:
+        teacher: the unguided teacher denoiser (guidance is applied here, on the real score only).
+        student: the generator; one-step (``levels = [sigma_max]``) or K-step.
+        config: :class:`DMD2Config`.
+        optim: optimizer settings; ``config.lr`` / ``config.lr_fake`` override the learning rates.
+        total_steps: the run's ``train.steps``.
+        fake_score: the initial fake score; default a trainable float32 copy of ``teacher``. Needed when
+            the teacher has no parameters (the exact mixture teacher of the tests).
+    """
+
+    name = "dmd2"
+    Config = DMD2Config
+
+    def __init__(self, teacher: Denoiser, student: Student, config: DMD2Config,
+                 optim: Optional[OptimConfig] = None, total_steps: int = 1000,
+                 fake_score: Optional[Denoiser] = None) -> None:
+        _validate(config)
+        optim = optim or OptimConfig()
+        if config.lr is not None:
+            optim = dataclasses.replace(optim, lr=config.lr)
+        super().__init__(teacher, student, config, optim, total_steps)
+        if fake_score is None:
+            if not any(True for _ in teacher.parameters()):
+                raise ValueError(f"{type(teacher).__name__} has no parameters to copy into a fake score; "
+                                 "pass fake_score=")
+            fake_score = copy.deepcopy(teacher)
+        fake_score = fake_score.to(torch.float32).train()  # trained in fp32 even beside a bf16 teacher
+        for p in fake_score.parameters():
+            p.requires_grad_(True)
+        lr_fake = config.lr_fake if config.lr_fake is not None else self.optim.lr
+        self.add_network("fake_score", fake_score, lr=lr_fake)
+        if config.gan:
+            head = GANHead(feature_shape(fake_score)).to(next(fake_score.parameters()).device)
+            self.add_network("gan_head", head, lr=lr_fake)
+        self.real_score = CFGDenoiser(teacher, config.guidance_scale)
+        grid = teacher.sigmas  # ascending; the teacher's own discrete levels (VP timesteps) when it has them
+        if grid is None:
+            grid = karras_sigmas(config.grid_levels, teacher.sigma_min, teacher.sigma_max).flip(0)
+        self.grid = grid.detach().float().cpu()
+
+    def prepare(self, accelerator) -> None:
+        # One critic backward feeds two optimizers (fake score, GAN head); accelerate's fp16 scaler
+        # unscales per optimizer step and would unscale the head's gradients twice. The paper found
+        # fp16 diverges anyway and trains in bf16.
+        if getattr(accelerator, "mixed_precision", "no") == "fp16":
+            raise UserError("dmd2 does not support train.mixed_precision=fp16 (the paper found it diverges): use bf16")
+        super().prepare(accelerator)
+
+    # ----------------------------------------------------------------------------------------------
+    # The step
+    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
+        cfg = self.config
+        gan_on = cfg.gan and step >= cfg.gan_start_step
+        logs: dict[str, float] = {}
+        x_in, s_in, cond, level = self._generator_input(batch)
+        if len(self.student.levels) > 1:
+            logs["sim_level"] = float(level)
+        if step % cfg.dfake_gen_update_ratio == 0:  # generator turn first, as in the official trainer
+            with self._autocast():
+                x = self.wrapped["student"](x_in, s_in, cond)
+            with self._frozen("fake_score", "gan_head"):
+                loss, parts = self._generator_loss(x, cond, batch, gan_on)
+                logs.update(parts)
+                logs["grad_norm_student"] = self.update("student", loss)
+        else:
+            with torch.no_grad(), self._autocast():
+                x = self.student.net(x_in, s_in, cond)
+            self.schedulers["student"].step()  # the official LR schedule counts iterations, not updates
+        logs.update(self._critic_step(x.detach(), cond, batch, gan_on))
+        return logs
+
+    def _generator_loss(self, x: Tensor, cond: Cond, batch: Batch, gan_on: bool) -> tuple[Tensor, dict]:
+        """``L_G`` on generated ``x`` (with grad); critic networks are evaluated raw and frozen."""
+        cfg = self.config
+        lo, hi = self._index_range(cfg.min_quantile, cfg.max_quantile)
+        s = self._draw_sigma(batch, len(x), lo, hi)
+        n = self._randn(batch, x.shape)
+        with torch.no_grad(), self._autocast():
+            x_s = x.detach() + append_dims(s, x.ndim) * n
+            mu_real = self.real_score(x_s, s, cond)
+            mu_fake = self.nets["fake_score"](x_s, s, cond)
+        loss_dm, grad = distribution_matching_loss(x, mu_real, mu_fake)
+        loss = cfg.dm_loss_weight * loss_dm
+        logs = {"loss_dm": float(loss_dm.detach()), "dm_grad_rms": float(grad.pow(2).mean().sqrt())}
+        if gan_on and cfg.gan_gen_weight > 0:
+            with self._autocast():
+                x_g, s_g = self._gan_noised(x, batch)
+                logits = self.nets["gan_head"](bottleneck_features(self.nets["fake_score"], x_g, s_g, cond))
+            loss_gan = F.softplus(-logits).mean()
+            loss = loss + cfg.gan_gen_weight * loss_gan
+            logs["loss_gan_g"] = float(loss_gan.detach())
+        return loss, logs
+
+    def _critic_step(self, x: Tensor, cond: Cond, batch: Batch, gan_on: bool) -> dict[str, float]:
+        """Fake-score denoising loss on ``sg(G(z))`` plus the GAN D-loss, then one backward.
+
+        The loss goes through the wrapped fake score (full forward); the GAN features of noised fake and
+        real images through the raw one, stopped at the bottleneck (the official GAN branch's shortcut).
+        """
+        cfg = self.config
+        b = len(x)
+        s = self._draw_sigma(batch, b, 0, len(self.grid) - 1)  # the teacher's whole noise range
+        x_s = x + append_dims(s, x.ndim) * self._randn(batch, x.shape)
+        with self._autocast():  # the DDP-wrapped forward: it arms the gradient all-reduce of the fake score
+            x0 = self.wrapped["fake_score"](x_s, s, cond)
+        sd = self.teacher.sigma_data
+        weight = 1 / s**2 + (1 / sd**2 if cfg.fake_weighting == "edm" else 0.0)  # eps-MSE = (D - x)^2 / s^2
+        loss_fake = (append_dims(weight, x.ndim) * (x0.float() - x) ** 2).mean()
+        loss = loss_fake
+        logs = {"loss_fake": float(loss_fake.detach())}
+        if gan_on and cfg.gan_critic_weight > 0:
+            if batch.images is None:
+                raise UserError("dmd2's GAN loss needs real images: set data.name or dmd2.gan=false")
+            real = batch.images.to(self.device, torch.float32)
+            (x_f, s_f), (x_r, s_r) = self._gan_noised(x, batch), self._gan_noised(real, batch)
+            with self._autocast():  # fake and real in one batch, each with its own condition
+                feats = bottleneck_features(self.nets["fake_score"], torch.cat([x_f, x_r]), torch.cat([s_f, s_r]),
+                                            cond_cat([cond, self._real_cond(batch)]))
+                logits = self.wrapped["gan_head"](feats)
+            on_fake, on_real = logits[:b], logits[b:]
+            loss_d = F.softplus(on_fake).mean() + F.softplus(-on_real).mean()
+            loss = loss + cfg.gan_critic_weight * loss_d
+            logs.update(loss_gan_d=float(loss_d.detach()), p_real=float(torch.sigmoid(on_real.detach()).mean()),
+                        p_fake=float(torch.sigmoid(on_fake.detach()).mean()))
+        # one backward into the fake score and the head; each then clips and steps with its own optimizer
+        logs["grad_norm_fake_score"] = self.update("fake_score", loss)
+        if "loss_gan_d" in logs:
+            logs["grad_norm_gan_head"] = self._step_with_existing_grads("gan_head")
+        return logs
+
+    # ----------------------------------------------------------------------------------------------
+    # Generator inputs and conditions
+    def _generator_input(self, batch: Batch) -> tuple[Tensor, float, Cond, int]:
+        """``(x, sigma, cond, k)``: the generator's input at level ``k`` (0 for one-step students)."""
+        levels = self.student.levels
+        cond = self._generator_cond(batch)
+        z = self._randn(batch, (batch.size, *self.teacher.sample_shape))
+        if len(levels) == 1:
+            return levels[0] * z, levels[0], cond, 0
+        # one level for the whole batch; a draw not shaped by the batch is the same on every process
+        # (Batch's contract), as the official code broadcasts it from process 0
+        k = min(int(float(batch.rand(())) * len(levels)), len(levels) - 1)
+        if k == 0:
+            return levels[0] * z, levels[0], cond, 0
+        if not self.config.backward_simulation:  # official "denoising" without simulation: real data
+            if batch.images is None:
+                raise UserError("dmd2.backward_simulation=false trains on noised real images: the data has none")
+            real = batch.images.to(self.device, torch.float32)
+            return real + levels[k] * z[: len(real)], levels[k], self._real_cond(batch), k
+        x = levels[0] * z
+        with torch.no_grad(), self._autocast():
+            for i in range(k):  # the current generator's own k-step sample, never in the graph
+                x0 = self.student.net(x, levels[i], cond).float()
+                if self.student.renoise == "fresh":
+                    x = x0 + levels[i + 1] * self._randn(batch, x.shape)
+                else:
+                    x = x0 + levels[i + 1] * (x - x0) / levels[i]
+        return x, levels[k], cond, k
+
+    def _real_cond(self, batch: Batch) -> Cond:
+        """The real images' own condition (labels dropped for an unconditional teacher)."""
+        if isinstance(batch.cond, Tensor) and self.teacher.num_classes is None:
+            return None
+        return batch.cond
+
+    def _generator_cond(self, batch: Batch) -> Cond:
+        """Uniform random labels for class-conditional teachers (official ImageNet), else the batch's."""
+        cond = self._real_cond(batch)
+        n = self.teacher.num_classes
+        if isinstance(cond, Tensor) and n is not None and self.config.generator_labels == "random":
+            return (batch.rand((batch.size,)) * n).long().clamp(max=n - 1).to(cond.device)
+        return cond
+
+    # ----------------------------------------------------------------------------------------------
+    # Noise levels and helpers
+    def _index_range(self, lo_q: float, hi_q: float) -> tuple[int, int]:
+        t = len(self.grid)
+        return int(lo_q * t), min(int(hi_q * t), t - 1)  # official: randint(min_step, max_step + 1)
+
+    def _draw_sigma(self, batch: Batch, n: int, lo: int, hi: int) -> Tensor:
+        """``n`` sigmas at grid indices uniform in ``[lo, hi]``."""
+        idx = (lo + batch.rand((n,)).cpu() * (hi - lo + 1)).long().clamp(lo, hi)
+        return self.grid[idx].to(self.device)
+
+    def _gan_noised(self, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """``(x + s' n, s')`` with grid index of ``s'`` uniform in ``[0, gan_max_quantile * T)``."""
+        hi = max(int(self.config.gan_max_quantile * len(self.grid)) - 1, 0)
+        s = self._draw_sigma(batch, len(x), 0, hi)
+        return x + append_dims(s, x.ndim) * self._randn(batch, x.shape), s
+
+    def _randn(self, batch: Batch, shape) -> Tensor:
+        return batch.randn(tuple(shape)).to(self.device)
+
+    def _autocast(self):
+        return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _frozen(self, *names: str):
+        """Freeze the named networks' trainable parameters for the block (the generator turn)."""
+        params = [p for n in names if n in self.nets for p in self.nets[n].parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    def _step_with_existing_grads(self, name: str) -> float:
+        """Clip and step network ``name`` with gradients already accumulated (no backward)."""
+        opt = self.optimizers[name]
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if not params:  # the GAN is off this step: no update, and its LR schedule waits for the first one
+            return 0.0
+        clip = self.optim.grad_clip if self.optim.grad_clip > 0 else float("inf")
+        clip_fn = self.accelerator.clip_grad_norm_ if self.accelerator is not None else torch.nn.utils.clip_grad_norm_
+        norm = float(clip_fn(params, clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.schedulers[name].step()
+        self.last_grad_norm[name] = norm
+        return norm
+
+
+def _validate(cfg: DMD2Config) -> None:
+    """Reject impossible settings with one clear line."""
+    if cfg.dfake_gen_update_ratio < 1:
+        raise UserError(f"dmd2.dfake_gen_update_ratio must be >= 1, got {cfg.dfake_gen_update_ratio}")
+    if cfg.fake_weighting not in ("edm", "eps"):
+        raise UserError(f"dmd2.fake_weighting must be 'edm' or 'eps', got {cfg.fake_weighting!r}")
+    if cfg.generator_labels not in ("random", "batch"):
+        raise UserError(f"dmd2.generator_labels must be 'random' or 'batch', got {cfg.generator_labels!r}")
+    if not 0 <= cfg.min_quantile <= cfg.max_quantile <= 1:
+        raise UserError(f"dmd2 needs 0 <= min_quantile <= max_quantile <= 1, got "
+                        f"{cfg.min_quantile} and {cfg.max_quantile}")
+    if not 0 < cfg.gan_max_quantile <= 1:
+        raise UserError(f"dmd2.gan_max_quantile must be in (0, 1], got {cfg.gan_max_quantile}")
+
+
+METHOD = DMD2
