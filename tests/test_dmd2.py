@@ -192,6 +192,12 @@ def test_bad_config_values_are_user_errors():
     with pytest.raises(UserError, match="dfake_gen_update_ratio must be >= 1"):
         _toy_method(dfake_gen_update_ratio=0)
 
+    class FP16:  # the accelerator of a train.mixed_precision=fp16 run (checked before anything moves)
+        mixed_precision = "fp16"
+
+    with pytest.raises(UserError, match="does not support train.mixed_precision=fp16"):
+        _toy_method().prepare(FP16())
+
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_configs_validate(name):
