@@ -79,3 +79,28 @@ def test_exported_teacher_folder_loads_with_diffusers(tiny_teacher_run):
     a = gen.sample(6, steps=3, seed=1, batch_size=4)
     b = gen.sample(6, steps=3, seed=1, batch_size=6)
     assert torch.allclose(a, b, atol=1e-5)  # per-sample seeding: batch size does not change samples
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    from diffdistill.methods.dsm import DSM
+    from diffdistill.training.loop import TrainingDiverged
+
+    run = tmp_path / "run"
+    real = DSM.train_step
+
+    def exploding(self, batch, step):
+        out = real(self, batch, step)
+        return {**out, "loss": float("nan")} if step >= 24 else out
+
+    monkeypatch.setattr(DSM, "train_step", exploding)
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 25 \(loss=nan\).*step-0000020"):
+        train(config_from_dict(tiny_teacher_config(run)))
+    assert [p.name for p in ck.list_checkpoints(run)] == ["step-0000020"]
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    run = train(config_from_dict(tiny_teacher_config(tmp_path / "run", steps=4, checkpoint_every=4, log_every=2,
+                                                     mixed_precision="bf16")))
+    rows = final_losses(run)
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert all(v.dtype == torch.float32 for v in _weights(run, 4).values())  # master weights stay float32

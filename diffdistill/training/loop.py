@@ -37,6 +37,11 @@ def make_accelerator(mixed_precision: str = "no"):
         raise UserError(f"train.mixed_precision must be no, bf16 or fp16, got {mixed_precision!r}")
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision=fp16 needs a CUDA GPU (use bf16 or no on a CPU)")
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        # a second run in the same Python process (notebook, tests) with another precision
+        AcceleratorState._reset_state()
     # step_scheduler_with_optimizer=False: an LR schedule advances once per step whatever the process count.
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
                        step_scheduler_with_optimizer=False)
