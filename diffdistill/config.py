@@ -209,7 +209,20 @@ def config_from_dict(data: dict) -> Config:
     data.pop("method_config", None)
     cfg = from_dict(Config, data)
     cfg.method_config = from_dict(get_method(method).Config, section, method)
+    _one_guidance_scale(cfg, section)
     return cfg
+
+
+def _one_guidance_scale(cfg: Config, section: dict) -> None:
+    """``teacher.guidance_scale`` is the one source of truth for methods that guide the teacher: it fills
+    the method's own ``guidance_scale`` unless that is set too, in which case the two must agree."""
+    if not hasattr(cfg.method_config, "guidance_scale"):
+        return
+    if "guidance_scale" not in section:
+        cfg.method_config.guidance_scale = cfg.teacher.guidance_scale
+    elif cfg.method_config.guidance_scale != cfg.teacher.guidance_scale:
+        raise UserError(f"{cfg.method}.guidance_scale={cfg.method_config.guidance_scale} disagrees with "
+                        f"teacher.guidance_scale={cfg.teacher.guidance_scale}; set only teacher.guidance_scale")
 
 
 def load_config(path: str | Path | None = None, overrides: Optional[list[str]] = None,
