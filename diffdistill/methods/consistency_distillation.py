@@ -1,0 +1,300 @@
+"""Consistency distillation (CD) and Hyper-SD's trajectory-segmented CD (TSCD), one implementation.
+
+Solver grid ``t_0 < t_1 < ... < t_N`` (the teacher's discrete timesteps with trailing spacing, or a
+Karras grid), cut into ``k`` equal segments with edges ``t_{jN/k}``. For ``n ~ U{0..N-1}``:
+
+    x_{n+1} = x + t_{n+1} z                                       # noised real data
+    x_hat_n = solver_step(D_teacher_cfg, x_{n+1}, t_{n+1} -> t_n)  # DDIM or Heun, CFG w ~ U[lo, hi]
+    e       = the lower edge of n's segment
+    pred    = jump(x_{n+1}, f(x_{n+1}, t_{n+1}), t_{n+1} -> e)    # DDIM jump along the x0 prediction
+    target  = x_hat_n if t_n == e else sg jump(x_hat_n, f(x_hat_n, t_n), t_n -> e)
+    L = lambda_n d(pred, target)      # PCM: elementwise pseudo-Huber c = 1e-3, lambda = 1, online target
+
+CD is the one-segment case: the only edge is ``t_0``, the consistency function's boundary.
+Progressive stages (Hyper-SD: 8 -> 4 -> 2 -> 1 segments) switch at configured steps. The trajectory of a
+later stage comes from the original teacher or from a frozen copy of the student at the end of the stage
+before (``stage_teacher``; Hyper-SD: the previous stage's model; the details are [inferred]). That model
+is not used as an ODE solver: a DDIM step along its x0 follows the chord to its edge, not the curved
+trajectory (in effect one Euler step per segment). It supplies the point of its own trajectory at its
+finer edge instead, ``x_hat = jump(x_{n+1}, f_prev(x_{n+1}), t_{n+1} -> e')`` with ``e' >= e`` (edges
+nest), and ``e'`` replaces ``t_n`` above; its guidance is already baked in.
+A k-segment student samples k steps along the edges with deterministic DDIM re-noising: the method keeps
+``student.levels`` equal to the current stage's edges and ``renoise="ddim"``.
+Optional adversarial term (PCM [code]; here DMD2's small GAN head on the frozen teacher's bottleneck
+features, unconditional): prediction and target are re-noised from the edge to a level inside the
+segment, hinge loss, weight 0.1; the head steps every iteration, before the student.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Cond, Denoiser, append_dims
+from ..errors import UserError
+from ..students import Student, freeze
+from .base import Batch, Method, OptimConfig
+from .consistency import (LOSSES, ConsistencyDenoiser, consistency_distance, ddim_jump, draw_seed, fixed_rng,
+                          guided_denoiser, ict_sigmas, solver_step)
+
+
+@dataclass
+class TSCDConfig:
+    # segments of each progressive stage (Hyper-SD: 8, 4, 2, 1)
+    segments: list[int] = field(default_factory=lambda: [8, 4, 2, 1])
+    stage_starts: Optional[list[int]] = None  # step at which each stage begins (first 0); None: equal shares
+    stage_teacher: str = "previous"  # later stages' trajectory: previous (frozen student of the stage before) | teacher
+    solver_steps: int = 48  # N; divisible by every segment count (PCM SD1.5: 50 with 4 phases)
+    solver: str = "ddim"  # teacher ODE step: ddim (= Euler in sigma space, PCM/LCM) | heun (CM)
+    grid: str = "teacher"  # solver grid: teacher (its discrete timesteps, trailing: PCM/LCM) | karras (CM)
+    # teacher CFG in the solver, w ~ U[lo, hi] per sample in u + w (c - u); PCM SD1.5: [5, 6] (LCM-style w in [4, 5])
+    guidance: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    sigma_min: Optional[float] = None  # lowest level (the boundary) of a karras grid; None: the teacher's
+    sigma_max: Optional[float] = None  # highest level of a karras grid; None: the teacher's
+    rho: float = 7.0  # exponent of a karras grid (also used for teachers without discrete timesteps)
+    loss: str = "huber_elementwise"  # huber_elementwise (PCM) | huber (iCT, whole sample) | mse
+    huber_c: Optional[float] = None  # pseudo-Huber c; None: 1e-3 (elementwise) or 0.00054 sqrt(dim)
+    weighting: str = "uniform"  # per-level weight: uniform (CM, PCM) | ict (1 / (t_{n+1} - t_n), iCT's lambda)
+    consistency_param: bool = True  # f = iCT's c_skip/c_out on the x0 prediction; false: plain x0 (PCM)
+    adv_weight: float = 0.0  # hinge adversarial term weight (PCM: 0.1); 0 disables it
+    adv_lr: float = 1e-5  # discriminator head learning rate (PCM)
+
+
+@dataclass
+class CDConfig(TSCDConfig):
+    segments: list[int] = field(default_factory=lambda: [1])  # CD: one segment, consistency to the boundary
+    solver_steps: int = 18  # N (CM on CIFAR-10 with an EDM teacher: 18; LCM/PCM DDIM: 50)
+    solver: str = "heun"  # CM's teacher solver with EDM teachers
+    grid: str = "karras"  # CM's grid (rho 7 on [sigma_min, sigma_max])
+    loss: str = "huber"  # iCT's pseudo-Huber in place of CM's LPIPS
+
+
+class TSCD(Method):
+    """Trajectory-segmented consistency distillation (CD when ``segments == [1]``). See the module docstring."""
+
+    name = "tscd"
+    Config = TSCDConfig
+    needs_data = True
+
+    def __init__(self, teacher: Optional[Denoiser], student: Student, config: TSCDConfig,
+                 optim: Optional[OptimConfig] = None, total_steps: int = 1000) -> None:
+        if teacher is None:
+            raise UserError(f"{self.name} distils a teacher: set teacher.path")
+        self._validate(config)
+        super().__init__(teacher, student, config, optim, total_steps)
+        self.grid = self._solver_grid(teacher, config)  # ascending [N + 1]
+        self.f = ConsistencyDenoiser(student.net, float(self.grid[0])) if config.consistency_param else student.net
+        k = len(config.segments)
+        self.starts = config.stage_starts or [j * total_steps // k for j in range(k)]
+        self.stage_teacher: Optional[Denoiser] = None
+        if config.stage_teacher == "previous" and len(config.segments) > 1:
+            # registered (frozen, no optimizer): checkpoints carry it, so a resumed later stage keeps its trajectory
+            self.stage_teacher = self.add_network("stage_teacher", freeze(copy.deepcopy(student.net)))
+            self._stage_f = ConsistencyDenoiser(self.stage_teacher, float(self.grid[0])) \
+                if config.consistency_param else self.stage_teacher
+        if config.adv_weight > 0:
+            self._build_head(teacher)
+        self.sample_steps = student.steps  # plain CD with steps > 1 samples CM-style (fresh noise, trailing grid)
+        self.stage = -1
+        self._enter_stage(self._stage_at(0), 0, log=False)
+
+    # ----------------------------------------------------------------------------------------------
+    # Set-up
+    def _validate(self, c: TSCDConfig) -> None:
+        n = self.name
+        if c.loss not in LOSSES:
+            raise UserError(f"{n}.loss must be one of {', '.join(LOSSES)}, got {c.loss!r}")
+        if c.solver not in ("ddim", "heun"):
+            raise UserError(f"{n}.solver must be ddim or heun, got {c.solver!r}")
+        if c.grid not in ("teacher", "karras"):
+            raise UserError(f"{n}.grid must be teacher or karras, got {c.grid!r}")
+        if c.weighting not in ("uniform", "ict"):
+            raise UserError(f"{n}.weighting must be uniform or ict, got {c.weighting!r}")
+        if c.stage_teacher not in ("teacher", "previous"):
+            raise UserError(f"{n}.stage_teacher must be teacher or previous, got {c.stage_teacher!r}")
+        if not c.segments or any(k < 1 or c.solver_steps % k for k in c.segments):
+            raise UserError(f"{n}.solver_steps={c.solver_steps} must be divisible by every entry of "
+                            f"{n}.segments={c.segments} so segment edges land on the solver grid")
+        if c.stage_teacher == "previous" and any(a % b for a, b in zip(c.segments, c.segments[1:])):
+            raise UserError(f"{n}.segments={c.segments}: with stage_teacher 'previous' each stage's segment "
+                            "count must divide the previous one's (nested edges)")
+        if c.stage_starts is not None:
+            s = c.stage_starts
+            if len(s) != len(c.segments) or s[0] != 0 or any(b < a for a, b in zip(s, s[1:])):
+                raise UserError(f"{n}.stage_starts must list one non-decreasing step per stage, starting at 0; "
+                                f"got {s} for segments {c.segments}")
+        if len(c.guidance) != 2 or c.guidance[0] > c.guidance[1]:
+            raise UserError(f"{n}.guidance must be [lo, hi] with lo <= hi, got {c.guidance}")
+
+    @staticmethod
+    def _solver_grid(teacher: Denoiser, c: TSCDConfig) -> Tensor:
+        """``N + 1`` ascending levels: with ``grid: teacher`` and a discrete teacher, its timesteps
+        ``0, T/N - 1, 2T/N - 1, ..., T - 1`` (trailing, PCM's DDIM solver); else a Karras grid on
+        [sigma_min, sigma_max] (VP teachers evaluate it at fractional timesteps)."""
+        n = c.solver_steps
+        if c.grid == "teacher" and teacher.sigmas is not None:
+            t = len(teacher.sigmas)
+            idx = [0] + [int(math.floor(i * t / n + 0.5)) - 1 for i in range(1, n + 1)]
+            if len(set(idx)) != n + 1:
+                raise UserError(f"solver_steps={n} is too fine for the teacher's {t} timesteps")
+            return teacher.sigmas[idx].float().cpu()
+        lo = teacher.sigma_min if c.sigma_min is None else c.sigma_min
+        hi = teacher.sigma_max if c.sigma_max is None else c.sigma_max
+        return ict_sigmas(n + 1, lo, hi, c.rho)
+
+    def _build_head(self, teacher: Denoiser) -> None:
+        """The discriminator: DMD2's small GAN head on the frozen teacher's bottleneck features."""
+        from .gan_head import GANHead, feature_shape
+
+        try:
+            shape = feature_shape(teacher)
+        except ValueError as e:
+            raise UserError(f"{self.name}.adv_weight > 0 needs teacher bottleneck features: {e}") from None
+        self.add_network("discriminator", GANHead(shape), lr=self.config.adv_lr)
+
+    # ----------------------------------------------------------------------------------------------
+    # Stages
+    def _stage_at(self, step: int) -> int:
+        return max(j for j, s in enumerate(self.starts) if s <= step)
+
+    def edges(self, segments: int) -> list[float]:
+        """Sampling levels of a ``segments``-segment student: the top level, then the upper edges, descending."""
+        n = self.config.solver_steps
+        return [float(self.grid[n - j * (n // segments)]) for j in range(segments)]
+
+    def _enter_stage(self, stage: int, step: int, log: bool = True) -> dict[str, float]:
+        previous, self.stage = self.stage, stage
+        k = self.config.segments[stage]
+        if self.stage_teacher is not None and stage > 0 and previous >= 0:
+            # the frozen student at the end of the previous stage supplies the trajectory from now on
+            self.stage_teacher.load_state_dict(self.student.net.state_dict())
+        if len(self.config.segments) == 1 and k == 1 and self.sample_steps > 1:  # CD: CM multistep sampling
+            n = self.config.solver_steps
+            self.student.levels = [float(self.grid[n - i * n // self.sample_steps]) for i in range(self.sample_steps)]
+            self.student.renoise = "fresh"
+        else:
+            self.student.levels = self.edges(k)
+            self.student.renoise = "ddim"
+        if log:
+            source = "previous stage" if self.stage_teacher is not None and stage > 0 else "teacher"
+            msg = f"[{self.name}] step {step}: stage {stage} with {k} segment(s), trajectory from the {source}"
+            (self.accelerator.print if self.accelerator is not None else print)(msg)
+        return {"stage": float(stage), "segments": float(k)}
+
+    def on_step_end(self, step: int) -> dict[str, float]:
+        """``step`` steps are done (the loop passes ``step + 1``): if step index ``step`` begins a new stage,
+        switch now and return ``{stage, segments}`` (also printed); otherwise ``{}``."""
+        nxt = self._stage_at(step)
+        return self._enter_stage(nxt, step) if nxt != self.stage else {}
+
+    # ----------------------------------------------------------------------------------------------
+    # The step
+    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
+        c = self.config
+        logs: dict[str, float] = {}
+        if self._stage_at(step) != self.stage:  # e.g. a loop that does not call on_step_end
+            logs.update(self._enter_stage(self._stage_at(step), step))
+        if batch.images is None:
+            raise UserError(f"{self.name} noises real data: use data with images (digits, folder, toy2d), "
+                            "not prompts")
+        x = batch.images.to(self.device).float()
+        b, dev = x.shape[0], x.device
+        grid = self.grid.to(dev)
+        seg = c.solver_steps // c.segments[self.stage]
+        n = batch.randint(c.solver_steps, (b,)).to(dev)
+        edge = (n // seg) * seg  # the segment's lower edge index
+        s_hi, s_edge = grid[n + 1], grid[edge]
+        x_hi = x + append_dims(s_hi, x.ndim) * batch.randn(x.shape).to(dev)
+        w = (c.guidance[0] + (c.guidance[1] - c.guidance[0]) * batch.rand((b,))).to(dev)
+        seed = draw_seed(batch.generator)  # the same dropout mask for prediction and target
+
+        with torch.no_grad():
+            if self.stage_teacher is not None and self.stage > 0:
+                # the previous stage's model jumps to its own (finer) segment edge: a point of its trajectory
+                seg_prev = c.solver_steps // c.segments[self.stage - 1]
+                lo = (n // seg_prev) * seg_prev
+                x_lo = ddim_jump(x_hi, self._stage_f(x_hi, s_hi, batch.cond), s_hi, grid[lo])
+            else:  # one teacher ODE step t_{n+1} -> t_n
+                lo = n
+                x_lo = solver_step(guided_denoiser(self.teacher, batch.cond, w), x_hi, s_hi, grid[lo], c.solver)
+            s_lo = grid[lo]
+            with fixed_rng(seed, dev):
+                jumped = ddim_jump(x_lo, self.f(x_lo, s_lo, batch.cond), s_lo, s_edge)
+            at_edge = append_dims(lo == edge, x.ndim)
+            target = torch.where(at_edge, x_lo, jumped)  # at the edge the boundary condition gives x_hat itself
+        with fixed_rng(seed, dev):
+            out = self.wrapped["student"](x_hi, s_hi, batch.cond)
+        x0 = self.f.apply(x_hi, s_hi, out) if isinstance(self.f, ConsistencyDenoiser) else out
+        pred = ddim_jump(x_hi, x0, s_hi, s_edge)
+        weight = 1.0 / (s_hi - s_lo) if c.weighting == "ict" else torch.ones_like(s_hi)
+        loss = (weight * consistency_distance(pred, target, c.loss, c.huber_c)).mean()
+        logs["consistency"] = float(loss.detach())
+        if c.adv_weight > 0:
+            g_loss = self._adversarial(pred, target, edge, s_edge, batch, logs)
+            loss = loss + c.adv_weight * g_loss
+        self.update("student", loss)
+        logs.update(loss=float(loss.detach()), grad_norm=self.last_grad_norm["student"])
+        return logs
+
+    # ----------------------------------------------------------------------------------------------
+    # Optional adversarial term
+    def _features(self, x: Tensor, s: Tensor, cond: Cond) -> Tensor:
+        """Frozen teacher bottleneck features of ``x`` at level ``s`` (graph kept towards ``x``)."""
+        from .gan_head import bottleneck_features
+
+        return bottleneck_features(self.teacher, x, s, cond)
+
+    def _adversarial(self, pred: Tensor, target: Tensor, edge: Tensor, s_edge: Tensor, batch: Batch,
+                     logs: dict[str, float]) -> Tensor:
+        """Discriminator update (hinge) on re-noised target vs prediction; returns the generator's hinge loss."""
+        seg = self.config.solver_steps // self.config.segments[self.stage]
+        dev = pred.device
+        # a level inside the segment (PCM: uniform timestep in [edge, edge + T/k)); travel there from the edge
+        a = edge + batch.randint(seg, (pred.shape[0],)).to(dev)
+        s_adv = self.grid.to(dev)[a]
+        hop = append_dims((s_adv**2 - s_edge**2).clamp(min=0).sqrt(), pred.ndim)
+        fake = pred + hop * batch.randn(pred.shape).to(dev)
+        real = target + hop * batch.randn(pred.shape).to(dev)
+        with torch.no_grad():
+            f_real = self._features(real, s_adv, batch.cond)
+            f_fake = self._features(fake.detach(), s_adv, batch.cond)
+        head = self.wrapped["discriminator"]
+        d_loss = torch.relu(1 - head(f_real)).mean() + torch.relu(1 + head(f_fake)).mean()
+        self.update("discriminator", d_loss)
+        raw = self.nets["discriminator"]
+        raw.requires_grad_(False)  # the generator turn must not leave gradients on the head
+        g_loss = -raw(self._features(fake, s_adv, batch.cond)).mean()
+        raw.requires_grad_(True)
+        logs.update(d_loss=float(d_loss.detach()), g_loss=float(g_loss.detach()))
+        return g_loss
+
+    # ----------------------------------------------------------------------------------------------
+    def generator(self) -> Student:
+        """The (EMA) student through ``f``, sampled along the current stage's edges with DDIM re-noising."""
+        student = self.ema_student()
+        net = ConsistencyDenoiser(student.net, float(self.grid[0])) if self.config.consistency_param else student.net
+        return Student(net, self.student.levels, self.student.renoise)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"stage": self.stage}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the stage (its frozen trajectory model comes back with the checkpoint's networks)."""
+        if "stage" in state:
+            self.stage = -1
+            self._enter_stage(int(state["stage"]), -1, log=False)
+
+
+class CD(TSCD):
+    """Consistency distillation: TSCD with one segment (the boundary ``t_0 = s_min``)."""
+
+    name = "cd"
+    Config = CDConfig
+
+
+METHODS = {"cd": CD, "tscd": TSCD}
