@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from diffdistill.config import load_config
 from diffdistill.denoiser import EDMPrecond
 from diffdistill.errors import UserError
 from diffdistill.methods import get_method
@@ -132,6 +133,10 @@ def test_registry_and_config_errors():
         TSCD(teacher, student, TSCDConfig(segments=[2, 1], solver_steps=8, stage_starts=[5, 0]), total_steps=10)
     with pytest.raises(UserError, match="teacher.path"):
         CD(None, student, CDConfig(), total_steps=10)
+    with pytest.raises(UserError, match="guidance_range"):
+        CD(teacher, student, CDConfig(guidance_range=[5.0, 4.0]), total_steps=10)
+    # teacher.guidance_scale is the solver's CFG scale
+    assert load_config(base={"method": "cd", "teacher": {"guidance_scale": 2.5}}).method_config.guidance_scale == 2.5
 
 
 # --------------------------------------------------------------------------------------------------

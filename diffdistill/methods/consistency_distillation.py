@@ -4,7 +4,7 @@ Solver grid ``t_0 < t_1 < ... < t_N`` (the teacher's discrete timesteps with tra
 Karras grid), cut into ``k`` equal segments with edges ``t_{jN/k}``. For ``n ~ U{0..N-1}``:
 
     x_{n+1} = x + t_{n+1} z                                       # noised real data
-    x_hat_n = solver_step(D_teacher_cfg, x_{n+1}, t_{n+1} -> t_n)  # DDIM or Heun, CFG w ~ U[lo, hi]
+    x_hat_n = solver_step(D_teacher_cfg, x_{n+1}, t_{n+1} -> t_n)  # DDIM or Heun, CFG w (or U[lo, hi])
     e       = the lower edge of n's segment
     pred    = jump(x_{n+1}, f(x_{n+1}, t_{n+1}), t_{n+1} -> e)    # DDIM jump along the x0 prediction
     target  = x_hat_n if t_n == e else sg jump(x_hat_n, f(x_hat_n, t_n), t_n -> e)
@@ -52,8 +52,9 @@ class TSCDConfig:
     solver_steps: int = 48  # N; divisible by every segment count (PCM SD1.5: 50 with 4 phases)
     solver: str = "ddim"  # teacher ODE step: ddim (= Euler in sigma space, PCM/LCM) | heun (CM)
     grid: str = "teacher"  # solver grid: teacher (its discrete timesteps, trailing: PCM/LCM) | karras (CM)
-    # teacher CFG in the solver, w ~ U[lo, hi] per sample in u + w (c - u); PCM SD1.5: [5, 6] (LCM-style w in [4, 5])
-    guidance: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    guidance_scale: float = 1.0  # teacher CFG in the solver, u + w (c - u); filled from teacher.guidance_scale
+    # w ~ U[lo, hi] per sample instead of guidance_scale (PCM SD1.5: [5, 6], its LCM-style w in [4, 5])
+    guidance_range: Optional[list[float]] = None
     sigma_min: Optional[float] = None  # lowest level (the boundary) of a karras grid; None: the teacher's
     sigma_max: Optional[float] = None  # highest level of a karras grid; None: the teacher's
     rho: float = 7.0  # exponent of a karras grid (also used for teachers without discrete timesteps)
@@ -128,8 +129,9 @@ class TSCD(Method):
             if len(s) != len(c.segments) or s[0] != 0 or any(b < a for a, b in zip(s, s[1:])):
                 raise UserError(f"{n}.stage_starts must list one non-decreasing step per stage, starting at 0; "
                                 f"got {s} for segments {c.segments}")
-        if len(c.guidance) != 2 or c.guidance[0] > c.guidance[1]:
-            raise UserError(f"{n}.guidance must be [lo, hi] with lo <= hi, got {c.guidance}")
+        g = c.guidance_range
+        if g is not None and (len(g) != 2 or g[0] > g[1]):
+            raise UserError(f"{n}.guidance_range must be [lo, hi] with lo <= hi, got {g}")
 
     @staticmethod
     def _solver_grid(teacher: Denoiser, c: TSCDConfig) -> Tensor:
@@ -210,7 +212,8 @@ class TSCD(Method):
         edge = (n // seg) * seg  # the segment's lower edge index
         s_hi, s_edge = grid[n + 1], grid[edge]
         x_hi = x + append_dims(s_hi, x.ndim) * batch.randn(x.shape).to(dev)
-        w = (c.guidance[0] + (c.guidance[1] - c.guidance[0]) * batch.rand((b,))).to(dev)
+        lo_w, hi_w = c.guidance_range or (c.guidance_scale, c.guidance_scale)
+        w = (lo_w + (hi_w - lo_w) * batch.rand((b,))).to(dev)  # per-sample CFG scale of the teacher step
         seed = draw_seed(batch.generator)  # the same dropout mask for prediction and target
 
         with torch.no_grad():
