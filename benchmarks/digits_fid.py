@@ -30,7 +30,9 @@ def main() -> None:
     ext = DigitsFeatures()
     ref = digits_ref_stats(ext)
     rows = []
-    jobs = [("teacher (heun)", resolve_path(DEFAULT_TEACHER), args.teacher_steps)] + [(r, r, args.steps) for r in args.runs]
+    teacher_steps = [k for k in args.teacher_steps if k > 0]  # --teacher-steps 0 skips the teacher
+    jobs = [("teacher (heun)", resolve_path(DEFAULT_TEACHER), teacher_steps)] if teacher_steps else []
+    jobs += [(r, r, args.steps) for r in args.runs]
     for name, path, steps in jobs:
         gen = load_generator(path, device="cpu")
         for k in steps:
