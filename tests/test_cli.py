@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffdistill.cli import main
 from tests.conftest import tiny_teacher_config, write_config
@@ -72,3 +73,18 @@ def test_unknown_label_and_usage_errors(tmp_path, capsys, tiny_teacher_run):
         main(["sample", "--num-samples", "2"])
     assert e.value.code == 2
     _one_line_error(capsys)
+
+
+def test_export_writes_a_diffusers_folder_that_samples_the_same(tmp_path, capsys, tiny_teacher_run):
+    from diffusers import UNet2DModel
+
+    from diffdistill.generator import load_generator
+
+    out = tmp_path / "exported"
+    assert main(["export", "--checkpoint", str(tiny_teacher_run), "--out", str(out)]) == 0
+    assert UNet2DModel.from_pretrained(out).config.num_class_embeds == 11
+    a = load_generator(out, device="cpu").sample(3, steps=2, seed=4)
+    b = load_generator(tiny_teacher_run, device="cpu").sample(3, steps=2, seed=4)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert main(["export", "--checkpoint", str(tiny_teacher_run), "--out", str(out)]) == 2  # never over a folder
+    assert "not empty" in _one_line_error(capsys)
