@@ -45,3 +45,8 @@ def test_bad_override_and_missing_file(tmp_path):
         load_config(_write(tmp_path, {"method": "dsm"}), ["train.steps"])
     with pytest.raises(UserError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_planned_method_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="method 'msd' is planned but not implemented yet"):
+        load_config(_write(tmp_path, {"method": "msd"}))

@@ -25,7 +25,14 @@ def get_method(name: str) -> type[Method]:
     """The method class registered under ``name`` (``ValueError`` listing the choices otherwise)."""
     if name not in METHOD_MODULES:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHOD_MODULES))}")
-    module = importlib.import_module(METHOD_MODULES[name])
+    try:
+        module = importlib.import_module(METHOD_MODULES[name])
+    except ModuleNotFoundError as e:
+        if e.name != METHOD_MODULES[name]:
+            raise
+        from ..errors import UserError
+
+        raise UserError(f"method {name!r} is planned but not implemented yet") from None
     methods = getattr(module, "METHODS", None) or {module.METHOD.name: module.METHOD}
     return methods[name]
 
