@@ -15,6 +15,13 @@ TINY_UNET = {"block_out_channels": [8, 16], "layers_per_block": 1,
              "norm_num_groups": 4, "attention_head_dim": 8}
 
 
+@pytest.fixture
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """One diffdistill cache for the session (the digits classifier trains once) and an empty torch hub."""
+    monkeypatch.setenv("DIFFDISTILL_CACHE", str(tmp_path_factory.getbasetemp() / "diffdistill-cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch-home-empty"))
+
+
 def tiny_teacher_config(out, steps: int = 40, **train) -> dict:
     """A teacher-training (dsm) config on 8-px digits that runs a step in milliseconds."""
     t = {"steps": steps, "batch_size": 16, "seed": 0, "lr": 1e-3, "checkpoint_every": 20, "sample_every": 0,

@@ -20,6 +20,8 @@ from diffdistill.errors import UserError
 from diffdistill.eval_cli import add_eval_parser, run_eval
 from diffdistill.metrics import DigitsFeatures, digits_ref_stats, evaluate_fid, load_digits_images, save_stats
 
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+
 
 class FakeDigitsGenerator:
     num_classes = 10
@@ -45,20 +47,6 @@ class FakeDigitsGenerator:
             out.append(pool[torch.randint(0, len(pool), (1,), generator=g)])
         x = torch.cat(out)
         return (x + self.noise / (steps or 1) * torch.randn(x.shape, generator=g)).clamp(-1, 1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DIFFDISTILL_CACHE", str(tmp_path_factory.getbasetemp() / "diffdistill-cache"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch-home-empty"))
 
 
 @pytest.fixture(scope="module")

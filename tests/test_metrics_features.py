@@ -19,21 +19,7 @@ from diffdistill.metrics import (
 from diffdistill.metrics.digits import DigitsRecipe
 from diffdistill.metrics.features import _weights_only_torch_load
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the CPU is shared by parallel jobs, where more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    """One cache folder for the session (the digits classifier trains once), an empty torch hub."""
-    monkeypatch.setenv("DIFFDISTILL_CACHE", str(tmp_path_factory.getbasetemp() / "diffdistill-cache"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch-home-empty"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def test_missing_inception_weights_message(tmp_path_factory):

@@ -21,15 +21,6 @@ from diffdistill.teachers import (FlowMatchingDenoiser, VPUNetDenoiser, ddim_sig
 TIMESTEPS = [1, 250, 500, 999]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and far faster than two on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def x0_atol(sigma) -> float:
     """1e-5, scaled by sigma above 1: x0 = x - sigma eps amplifies float32 rounding of eps by sigma."""
     return 1e-5 * max(1.0, float(sigma))
