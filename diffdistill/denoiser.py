@@ -78,6 +78,12 @@ def as_sigma_batch(sigma: Tensor | float, x: Tensor) -> Tensor:
     return sigma.reshape(x.shape[0])
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter (CPU for a module without parameters)."""
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def append_dims(t: Tensor, ndim: int) -> Tensor:
     """Append trailing singleton dims so ``t`` broadcasts against a tensor of rank ``ndim``."""
     return t.reshape(t.shape + (1,) * (ndim - t.ndim))

@@ -12,12 +12,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .denoiser import CFGDenoiser, Denoiser
+from .denoiser import CFGDenoiser, Denoiser, module_device
 from .errors import UserError
 from .samplers import SAMPLERS
 from .schedules import karras_sigmas
 from .students import Student
-from .training.batches import _mix
+from .training.batches import mix_seed
 
 TEACHER_DEFAULT_STEPS = 40
 
@@ -62,8 +62,7 @@ class Generator:
 
     @property
     def device(self) -> torch.device:
-        p = next(self.denoiser.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+        return module_device(self.denoiser)
 
     @property
     def image_like(self) -> bool:
@@ -115,13 +114,13 @@ class Generator:
         for start in tqdm(range(0, num_samples, batch_size), disable=not progress, desc="sampling"):
             n = min(batch_size, num_samples - start)
             z = torch.stack([torch.randn(self.denoiser.sample_shape, generator=torch.Generator().manual_seed(
-                _mix(seed, offset + start + i))) for i in range(n)]).to(self.device)
+                mix_seed(seed, offset + start + i))) for i in range(n)]).to(self.device)
             cond = None
             if all_labels is not None:
                 cond = all_labels[start:start + n].to(self.device)
             if prompts is not None:
                 cond = self.encode_prompts([prompts[(offset + start + i) % len(prompts)] for i in range(n)])
-            gen = torch.Generator(device=self.device).manual_seed(_mix(seed, offset + start, 7))
+            gen = torch.Generator(device=self.device).manual_seed(mix_seed(seed, offset + start, 7))
             x = self._generate(z, cond, steps, gen)
             if self.decode is not None:
                 x = self.decode(x)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..denoiser import module_device
 from .features import FeatureExtractor, as_feature_extractor
 from .fid import FeatureStats, frechet_distance
 from .precision_recall import precision_recall
@@ -66,10 +67,6 @@ def _gather_round(accelerator: Any, feats: Tensor, batch_size: int, dim: int) ->
     return torch.cat([gathered[p, : int(n)] for p, n in enumerate(counts)])
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    return next(module.parameters(), torch.empty(0)).device
-
-
 def evaluate_fid(generator: Any, extractor: FeatureExtractor | nn.Module,
                  ref_stats: RefStats | str | Path, num_samples: int, steps: int | None = None,
                  batch_size: int = 64, seed: int = 0, accelerator: Any = None, progress: bool = True,
@@ -98,7 +95,7 @@ def evaluate_fid(generator: Any, extractor: FeatureExtractor | nn.Module,
     extractor = as_feature_extractor(extractor)
     ref = npz_ref_stats(ref_stats) if isinstance(ref_stats, (str, Path)) else ref_stats
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    device = accelerator.device if accelerator else _module_device(extractor)
+    device = accelerator.device if accelerator else module_device(extractor)
     steps = generator.default_steps if steps is None else steps
     num_classes = getattr(generator, "num_classes", None)
     num_batches = math.ceil(num_samples / batch_size)

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..denoiser import Denoiser, TextCond
+from ..denoiser import Denoiser, TextCond, module_device
 from .text import prompt_cond
 
 
@@ -43,8 +43,7 @@ class Teacher:
 
     @property
     def device(self) -> torch.device:
-        param = next(self.denoiser.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
+        return module_device(self.denoiser)
 
     @property
     def latent(self) -> bool:

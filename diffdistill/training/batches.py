@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..methods import Batch
 
 
-def _mix(*ints: int) -> int:
+def mix_seed(*ints: int) -> int:
     """A 63-bit seed from several integers (splitmix-style), stable across runs and platforms."""
     h = 0x9E3779B97F4A7C15
     for v in ints:
@@ -60,7 +60,7 @@ class BatchSource:
 
     def indices(self, step: int, n: int) -> torch.Tensor:
         """This process's slice of the step's global draw from ``n`` items."""
-        g = torch.Generator().manual_seed(_mix(self.seed, step))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, step))
         if n >= self.global_batch:
             idx = torch.randperm(n, generator=g)[: self.global_batch]
         else:  # tiny datasets: sample with replacement
@@ -77,7 +77,7 @@ class BatchSource:
         return images, labels
 
     def __call__(self, step: int) -> Batch:
-        gen = torch.Generator(device=self.device).manual_seed(_mix(self.seed, step, 1))
+        gen = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, step, 1))
         images, cond = None, None
         if self.prompts is not None:
             idx = self.indices(step, len(self.prompts))
@@ -94,7 +94,7 @@ class BatchSource:
                 cond = labels.to(self.device)
         elif self.num_classes and cond is None:
             # data-free methods on class-conditional teachers: uniform random labels (global draw, sliced)
-            cpu = torch.Generator().manual_seed(_mix(self.seed, step, 2))
+            cpu = torch.Generator().manual_seed(mix_seed(self.seed, step, 2))
             cond = torch.randint(self.num_classes, (self.global_batch,), generator=cpu)
             cond = cond[self.rank * self.local:(self.rank + 1) * self.local].to(self.device)
         return Batch(images=images, cond=cond_to(cond, self.device), generator=gen, size=self.local,
