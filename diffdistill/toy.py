@@ -124,6 +124,30 @@ def mlp_denoiser(dim: int = 2, sigma_data: float = 0.5, sigma_min: float = 0.002
     return EDMPrecond(MLP(dim, **mlp_kwargs), (dim,), sigma_min, sigma_max, sigma_data)
 
 
+def fit_mlp_denoiser(mixture: GaussianMixture, steps: int = 1000, hidden: int = 128, batch_size: int = 256,
+                     lr: float = 2e-3, seed: int = 0) -> EDMPrecond:
+    """An :func:`mlp_denoiser` fitted to ``mixture`` by denoising score matching (EDM loss and log-normal
+    levels ``ln s ~ N(-1.2, 1.2^2)``), Adam at a constant ``lr``; deterministic given ``seed``.
+
+    Stands in for "a copy of the teacher" when the teacher is the exact (parameter-free) mixture denoiser.
+    """
+    sd = MixtureDenoiser(mixture).sigma_data
+    torch.manual_seed(seed)
+    net = mlp_denoiser(mixture.dim, sigma_data=sd, hidden=hidden)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x0 = mixture.sample(batch_size, g)
+        s = (torch.randn(batch_size, generator=g) * 1.2 - 1.2).exp()
+        x = x0 + s[:, None] * torch.randn(x0.shape, generator=g)
+        # EDM weighting (s^2 + sd^2) / (s sd)^2: unit-variance effective training target at every level
+        loss = (((s**2 + sd**2) / (s * sd) ** 2)[:, None] * (net(x, s) - x0) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net
+
+
 def energy_distance(x: Tensor, y: Tensor) -> float:
     """Energy distance ``2 E|x - y| - E|x - x'| - E|y - y'|`` (unbiased within-set terms)."""
     x, y = x.double(), y.double()

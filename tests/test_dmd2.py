@@ -20,7 +20,8 @@ from diffdistill.methods.gan_head import GANHead, bottleneck_features, denoise_w
 from diffdistill.samplers import euler, heun
 from diffdistill.schedules import karras_sigmas
 from diffdistill.students import Student
-from diffdistill.toy import MixtureDenoiser, default_mixture, energy_distance, mlp_denoiser, sliced_wasserstein
+from diffdistill.toy import (MixtureDenoiser, default_mixture, energy_distance, fit_mlp_denoiser, mlp_denoiser,
+                            sliced_wasserstein)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["digits/dmd2.yaml", "digits/dmd2_4step.yaml", "cifar10/dmd2.yaml", "imagenet64/dmd2.yaml",
@@ -297,30 +298,9 @@ def test_four_step_config_trains_with_backward_simulation(tiny_teacher_run, tmp_
 # Distribution matching on the exact mixture teacher
 @pytest.fixture(scope="module")
 def pretrained_mlp():
-    return _pretrain_mlp()
-
-
-def _pretrain_mlp(steps: int = 1000):
-    """An MLP denoiser fitted to the mixture by a short denoising-score-matching warm-up (EDM loss).
-
-    The exact teacher has no weights to copy, so this stands in for "a copy of the teacher": it
-    initialises both the generator and the fake score, as DMD2 initialises both from the teacher.
-    """
-    mix = default_mixture()
-    sd = MixtureDenoiser(mix).sigma_data
-    torch.manual_seed(0)
-    net = mlp_denoiser(2, sigma_data=sd, hidden=128)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        x0 = mix.sample(256, g)
-        s = (torch.randn(256, generator=g) * 1.2 - 1.2).exp()  # EDM's log-normal training levels
-        x = x0 + s[:, None] * torch.randn(x0.shape, generator=g)
-        loss = (((s**2 + sd**2) / (s * sd) ** 2)[:, None] * (net(x, s) - x0) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net
+    # the exact teacher has no weights to copy: an MLP fitted to the mixture initialises both the
+    # generator and the fake score, as DMD2 initialises both from the teacher
+    return fit_mlp_denoiser(default_mixture())
 
 
 def _distill(pretrained, iters: int, seed: int = 0):
@@ -378,9 +358,16 @@ def test_one_step_student_matches_mixture(pretrained_mlp):
     sw, sw_heun, sw_one = (sliced_wasserstein(y, ref) for y in (x, x_heun, x_one))
     print(f"sliced W1: student {sw:.4f}, Heun-40 {sw_heun:.4f}, one step {sw_one:.3f}; "
           f"energy distance: student {energy_distance(x, ref):.5f}, Heun-40 {energy_distance(x_heun, ref):.5f}")
-    # measured (2000 iterations, seed 0): student 0.067 = 1.54x Heun, 0.05x one step; mode stds ~0.36/
-    # 0.56/0.34 against 0.30/0.40/0.25 and a thin trail between modes. Other GAN-head inits gave 1.57x and
-    # 2.0x; 4000 iterations reached 1.43x (~2.5 min); 3000 gave 1.82x: not monotone in training length.
+    # measured (2000 iterations, seed 0): student 0.067 = 1.54x Heun, 0.05x one step. Robust mode widths
+    # are right (median radius within 0.9-1.0x); the excess is ~9% of samples on trails between modes
+    # (Heun 1.3%) and mode weights off by 0.01-0.04. Cause, measured: the MLP fake score's own fit error,
+    # which an exact real score does not share (DMD2's fake score is a copy of its teacher, so there the
+    # errors cancel): the pretrained MLP's 40-step samples put 0.53/0.26/0.21 in the 0.5/0.3/0.2 modes and
+    # students drift the opposite way (e.g. 0.50/0.34/0.16). With an oracle fake score (the exact denoiser
+    # of 4096 fresh generator samples), no GAN and the DM normaliser taken over the batch, the loop reached
+    # 1.25x at 2000 and 0.97x at 4000 iterations (2.37x at 2000 with the per-sample normaliser: over 2
+    # dimensions 1/mean|x - mu_real| is heavy-tailed, unlike over an image's thousands). Other seeds, ratios and
+    # lengths ranged 1.27x-2.35x; see the issue note for the sweep.
     assert sw <= 0.3 * sw_one
     assert sw <= 1.7 * sw_heun  # regression bound at the measured level, not the issue's criterion
     assert torch.allclose(mix.mode_weights(x), mix.weights, atol=0.03)
