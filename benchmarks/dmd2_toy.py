@@ -74,8 +74,8 @@ def run(args: argparse.Namespace, pretrained, seed: int) -> dict:
         x = student(z)
     x_heun = heun(teacher, z * teacher.sigma_max, karras_sigmas(40, teacher.sigma_min, teacher.sigma_max)).x
     trail, weights = trail_and_weights(mix, x)
-    return dict(seed=seed, ratio=sliced_wasserstein(x, ref) / sliced_wasserstein(x_heun, ref), trail=trail,
-                weights=weights, heun_trail=trail_and_weights(mix, x_heun)[0], seconds=seconds)
+    return {"seed": seed, "ratio": sliced_wasserstein(x, ref) / sliced_wasserstein(x_heun, ref), "trail": trail,
+            "weights": weights, "heun_trail": trail_and_weights(mix, x_heun)[0], "seconds": seconds}
 
 
 def main() -> None:

@@ -20,8 +20,14 @@ from diffdistill.methods.gan_head import GANHead, bottleneck_features, denoise_w
 from diffdistill.samplers import euler, heun
 from diffdistill.schedules import karras_sigmas
 from diffdistill.students import Student
-from diffdistill.toy import (MixtureDenoiser, default_mixture, energy_distance, fit_mlp_denoiser, mlp_denoiser,
-                            sliced_wasserstein)
+from diffdistill.toy import (
+    MixtureDenoiser,
+    default_mixture,
+    energy_distance,
+    fit_mlp_denoiser,
+    mlp_denoiser,
+    sliced_wasserstein,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["digits/dmd2.yaml", "digits/dmd2_4step.yaml", "cifar10/dmd2.yaml", "imagenet64/dmd2.yaml",
