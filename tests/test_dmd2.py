@@ -309,7 +309,7 @@ def pretrained_mlp():
     return fit_mlp_denoiser(default_mixture())
 
 
-def _distill(pretrained, iters: int, seed: int = 0):
+def _distill(pretrained, iters: int, seed: int = 0, ratio: int = 2, lr_fake: float = 6e-3):
     """DMD2 on the exact teacher; returns (mixture, student, reference, Heun-40, one-step teacher samples).
 
     Student, Heun and one-step samples share the same 4000 latents; the reference is a fixed, independent
@@ -319,13 +319,13 @@ def _distill(pretrained, iters: int, seed: int = 0):
     mix = default_mixture()
     teacher = MixtureDenoiser(mix)
     student = Student(copy.deepcopy(pretrained).train(), [teacher.sigma_max])
-    # toy settings (the published defaults target image teachers): ratio 2 and lr 3e-3 (cosine) let a
-    # 2-D MLP converge in ~1k steps (ratio 1 collapses, lr 1e-2 collapses); the fake score at 2x the
-    # generator's lr tracks the generator's mode widths better (its error at sigma 0.5-2 was as large
-    # as the signal at equal lr); DM sigmas capped at the grid's 60% quantile (sigma ~5.8): on the
-    # continuous teacher's 1000-level Karras grid half the draws are above sigma 2.5, where the mode
-    # widths carry no signal
-    cfg = DMD2Config(dfake_gen_update_ratio=2, lr=3e-3, lr_fake=LR_FAKE, max_quantile=0.6)
+    # toy settings (the published lrs target image teachers): generator lr 3e-3 (cosine) lets a 2-D MLP
+    # converge in ~1k updates (lr 1e-2 collapses); ratio 2 is enough for a quick run (ratio 1 collapses);
+    # the fake score needs a faster lr than the generator (two time scales): at a lower one it stays near
+    # its initial fit, whose mode-weight error the generator then mirrors; DM sigmas capped at the grid's
+    # 60% quantile (sigma ~5.8): on the continuous teacher's 1000-level Karras grid half the draws are
+    # above sigma 2.5, where the mode shapes carry no signal
+    cfg = DMD2Config(dfake_gen_update_ratio=ratio, lr=3e-3, lr_fake=lr_fake, max_quantile=0.6)
     m = DMD2(teacher, student, cfg, OptimConfig(lr=3e-3, lr_schedule="cosine"), total_steps=iters,
              fake_score=copy.deepcopy(pretrained))
     for step in range(iters):
@@ -341,8 +341,6 @@ def _distill(pretrained, iters: int, seed: int = 0):
     return mix, x, ref, x_heun, x_one
 
 
-LR_FAKE = 6e-3
-
 
 def test_one_step_student_matches_mixture_fast(pretrained_mlp):
     mix, x, ref, _, x_one = _distill(pretrained_mlp, 400)
@@ -354,32 +352,25 @@ def test_one_step_student_matches_mixture_fast(pretrained_mlp):
 
 @pytest.mark.slow
 def test_one_step_student_matches_mixture(pretrained_mlp):
-    """The issue's criterion, with sliced Wasserstein (256 directions) against 4000 fresh mixture samples.
+    """The issue's criterion, with sliced Wasserstein (256 directions) against 4000 fresh mixture samples,
+    at the published two time-scale ratio 5 (1000 generator updates).
 
     Noise floor: two independent 4000-sample mixture sets are 0.018 apart; the teacher's 40-step Heun
     samples (same 4000 latents as the student) score 0.043, its one-step output 1.34. Energy distance is
     printed too (Heun 0.0004, floor -0.001: it has no positive floor, so a ratio to Heun is meaningless).
     """
-    mix, x, ref, x_heun, x_one = _distill(pretrained_mlp, ITERS_SLOW)
+    mix, x, ref, x_heun, x_one = _distill(pretrained_mlp, 5000, ratio=5, lr_fake=1e-2)
     sw, sw_heun, sw_one = (sliced_wasserstein(y, ref) for y in (x, x_heun, x_one))
-    print(f"sliced W1: student {sw:.4f}, Heun-40 {sw_heun:.4f}, one step {sw_one:.3f}; "
+    print(f"sliced W1: student {sw:.4f} ({sw / sw_heun:.2f}x), Heun-40 {sw_heun:.4f}, one step {sw_one:.3f}; "
           f"energy distance: student {energy_distance(x, ref):.5f}, Heun-40 {energy_distance(x_heun, ref):.5f}")
-    # measured (2000 iterations, seed 0): student 0.067 = 1.54x Heun, 0.05x one step. Robust mode widths
-    # are right (median radius within 0.9-1.0x); the excess is ~9% of samples on trails between modes
-    # (Heun 1.3%) and mode weights off by 0.01-0.04. Cause, measured: the MLP fake score's own fit error,
-    # which an exact real score does not share (DMD2's fake score is a copy of its teacher, so there the
-    # errors cancel): the pretrained MLP's 40-step samples put 0.53/0.26/0.21 in the 0.5/0.3/0.2 modes and
-    # students drift the opposite way (e.g. 0.50/0.34/0.16). With an oracle fake score (the exact denoiser
-    # of 4096 fresh generator samples), no GAN and the DM normaliser taken over the batch, the loop reached
-    # 1.25x at 2000 and 0.97x at 4000 iterations (2.37x at 2000 with the per-sample normaliser: over 2
-    # dimensions 1/mean|x - mu_real| is heavy-tailed, unlike over an image's thousands). Other seeds, ratios and
-    # lengths ranged 1.27x-2.35x; see the issue note for the sweep.
+    # measured (seed 0): 1.25x Heun-40, 0.04x one step, mode weights 0.49/0.30/0.20. Seeds 1-4 gave 1.11x,
+    # 1.35x, 1.61x, 1.43x (benchmarks/dmd2_toy.py): the criterion holds for 4 of 5 seeds. Mode shapes are
+    # right (median radius 0.9-1.0x the truth); what is left is ~7% of samples on thin trails between
+    # modes (Heun: 1.3%) and mode weights off by up to 0.03. Both trace to the MLP fake score's fit error,
+    # which the exact real score does not share (in DMD2 the fake score is a copy of the teacher): the
+    # fitted MLP's own 40-step samples put 0.53/0.26/0.21 in the 0.5/0.3/0.2 modes, and students whose fake
+    # score moves slowly (lower lr_fake) mirror it (e.g. 0.48/0.34/0.17).
     assert sw <= 0.3 * sw_one
-    assert sw <= 1.7 * sw_heun  # regression bound at the measured level, not the issue's criterion
+    assert sw <= 1.5 * sw_heun
     assert torch.allclose(mix.mode_weights(x), mix.weights, atol=0.03)
     assert torch.allclose(mix.mode_means(x), mix.means, atol=0.15)
-    if sw > 1.5 * sw_heun:  # the issue's criterion, reported rather than hidden
-        pytest.xfail(f"issue criterion sliced W1 <= 1.5x Heun-40 not met: {sw / sw_heun:.2f}x")
-
-
-ITERS_SLOW = 2000
