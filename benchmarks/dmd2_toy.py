@@ -38,12 +38,12 @@ class EmpiricalDenoiser(Denoiser):
 
     def __init__(self, student: Student, like: Denoiser, n: int = 4096) -> None:
         super().__init__(like.sample_shape, like.sigma_min, like.sigma_max, like.sigma_data)
-        self.student, self.n = student, n
+        self._student, self.n = [student], n  # in a list: not a submodule, so never frozen or trained as one
         self.dummy = torch.nn.Parameter(torch.zeros(()))  # DMD2 trains its fake score: give it a parameter
 
     def denoise(self, x, sigma, cond):
         with torch.no_grad():
-            y = self.student(torch.randn(self.n, *self.sample_shape))
+            y = self._student[0](torch.randn(self.n, *self.sample_shape))
         logits = -torch.cdist(x, y).pow(2) / (2 * sigma.reshape(-1, 1) ** 2)
         return torch.softmax(logits, 1) @ y + 0 * self.dummy
 
