@@ -341,7 +341,6 @@ def _distill(pretrained, iters: int, seed: int = 0, ratio: int = 2, lr_fake: flo
     return mix, x, ref, x_heun, x_one
 
 
-
 def test_one_step_student_matches_mixture_fast(pretrained_mlp):
     mix, x, ref, _, x_one = _distill(pretrained_mlp, 400)
     ed = energy_distance(x, ref)
