@@ -1,11 +1,12 @@
 """Time one DMD2 training iteration and split it into network passes.
 
 Two settings: the exact Gaussian-mixture teacher with MLP student / fake score (always), and the shipped
-digits teacher (when ``assets/teachers/digits`` exists, or ``--teacher PATH``). Manual timers: forward
-hooks on each network (student, teacher, fake score, GAN head), optimizer step hooks, and a timer around
-each ``update`` (backward + clipping + step). Everything not inside a timer is framework overhead:
-noise draws, loss arithmetic, hooks, concatenation, Python. Averages are over whole cycles of
-``dfake_gen_update_ratio`` iterations (one generator turn, the rest critic-only).
+digits teacher (when ``assets/teachers/digits`` exists, or ``--teacher PATH``). The iterations run through
+:class:`~diffdistill.training.stepper.Stepper`, as in the training loop. Manual timers: forward hooks on
+each network (student, teacher, fake score, GAN head), optimizer step hooks, a timer around the Stepper's
+backward and one around each network's update (clipping + optimizer step + zeroing). Everything not inside
+a timer is framework overhead: noise draws, loss arithmetic, hooks, concatenation, Python. Averages are
+over whole cycles of ``dfake_gen_update_ratio`` iterations (one generator turn, the rest critic-only).
 
     python benchmarks/dmd2_step.py [--cycles 3] [--teacher assets/teachers/digits] [--batch 32]
 """
@@ -24,6 +25,7 @@ from diffdistill.methods.base import Batch, OptimConfig
 from diffdistill.methods.dmd2 import DMD2, DMD2Config
 from diffdistill.students import Student, build_student_net
 from diffdistill.toy import MixtureDenoiser, default_mixture, mlp_denoiser
+from diffdistill.training.stepper import Stepper
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,50 +62,52 @@ class Timers:
         module.forward = timed
 
 
-def instrument(m: DMD2, timers: Timers) -> None:
-    """Attach timers to every network pass and update of ``m`` (outermost call counted once)."""
+def instrument(stepper: Stepper, timers: Timers) -> None:
+    """Attach timers to every network pass, the backward and every update (outermost call counted once)."""
+    m = stepper.method
     timers.watch_module(m.student.net, "generator forward")
     timers.watch_module(m.teacher, "teacher forward")
     timers.watch_module(m.nets["fake_score"], "fake-score forward")
     if "gan_head" in m.nets:
         timers.watch_module(m.nets["gan_head"], "GAN head forward")
-    for opt in m.optimizers.values():
+    for opt in stepper.optimizers.values():
         opt.register_step_pre_hook(lambda *_: timers.begin("optimizer step"))
         opt.register_step_post_hook(lambda *_: timers.end("optimizer step"))
-    for name in ("update", "_step_with_existing_grads"):
-        inner = getattr(m, name)
+    for name, label in (("_backward", "backward"), ("_update", "update")):
+        inner = getattr(stepper, name)
 
-        def timed(*args, _inner=inner, **kwargs):
-            timers.begin("update")
+        def timed(*args, _inner=inner, _label=label, **kwargs):
+            timers.begin(_label)
             try:
                 return _inner(*args, **kwargs)
             finally:
-                timers.end("update")
+                timers.end(_label)
 
-        setattr(m, name, timed)
+        setattr(stepper, name, timed)
 
 
 def run(m: DMD2, make_batch, cycles: int) -> tuple[dict[str, float], float, int]:
     """Average seconds per iteration of each part, total seconds per iteration, iterations timed."""
     ratio = m.config.dfake_gen_update_ratio
+    stepper = Stepper(m)
     for step in range(ratio):  # warm-up cycle (allocations, lazy inits)
-        m.train_step(make_batch(step), step)
+        stepper.step(make_batch(step), step)
     timers = Timers()
-    instrument(m, timers)
+    instrument(stepper, timers)
     n = cycles * ratio
     start = timers._now()
     for step in range(ratio, ratio + n):
-        m.train_step(make_batch(step), step)
+        stepper.step(make_batch(step), step)
     total = (timers._now() - start) / n
     parts = {k: v / n for k, v in timers.total.items()}
-    # "update" holds backward + clip + optimizer step: report backward(+clip) on its own
-    parts["backward + clip"] = parts.pop("update", 0.0) - parts.get("optimizer step", 0.0)
+    # "update" holds clip + optimizer step + zero_grad: report the clipping (and zeroing) on its own
+    parts["clip + zero_grad"] = parts.pop("update", 0.0) - parts.get("optimizer step", 0.0)
     return parts, total, n
 
 
 def report(title: str, parts: dict[str, float], total: float, n: int) -> None:
     order = ["generator forward", "teacher forward", "fake-score forward", "GAN head forward",
-             "backward + clip", "optimizer step"]
+             "backward", "clip + zero_grad", "optimizer step"]
     print(f"\n{title}  ({n} iterations averaged)")
     print(f"{'part':<22}{'ms / iter':>12}{'share':>9}")
     accounted = 0.0

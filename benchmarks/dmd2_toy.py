@@ -31,6 +31,7 @@ from diffdistill.samplers import heun
 from diffdistill.schedules import karras_sigmas
 from diffdistill.students import Student
 from diffdistill.toy import GaussianMixture, MixtureDenoiser, default_mixture, fit_mlp_denoiser, sliced_wasserstein
+from diffdistill.training.stepper import Stepper
 
 
 class EmpiricalDenoiser(Denoiser):
@@ -65,10 +66,11 @@ def run(args: argparse.Namespace, pretrained, seed: int) -> dict:
                      min_quantile=args.min_quantile, max_quantile=args.max_quantile)
     m = DMD2(teacher, student, cfg, OptimConfig(lr=args.lr, lr_schedule="cosine"), total_steps=args.iters,
              fake_score=fake)
+    stepper = Stepper(m)
     t0 = time.perf_counter()
     for step in range(args.iters):  # the data stream of tests/test_dmd2.py::_distill
         g = torch.Generator().manual_seed(1000 + step + 100000 * seed)
-        m.train_step(Batch(mix.sample(256, g), None, g, 256), step)
+        stepper.step(Batch(mix.sample(256, g), None, g, 256), step)
     seconds = time.perf_counter() - t0
     z = torch.randn(4000, 2, generator=torch.Generator().manual_seed(7))
     ref = mix.sample(4000, torch.Generator().manual_seed(123))

@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import UserError
+from .paths import resolve_path
 
 
 @dataclass
@@ -48,7 +49,10 @@ class StudentConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000  # optimisation steps (generator + critic turns count as one step)
-    batch_size: int = 32  # global batch size, split across processes
+    batch_size: int = 32  # global batch size, split across processes (and micro-batches)
+    # micro-batches per step (gradient accumulation): train.batch_size stays the global batch, so results
+    # match grad_accum 1 up to float rounding; must divide batch_size / processes
+    grad_accum: int = 1
     seed: int = 0  # seeds data order and every random draw
     lr: float = 1e-4  # AdamW learning rate of every trained network (methods may set their own)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
@@ -179,8 +183,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; a missing or malformed file is a :class:`UserError`."""
-    p = Path(path)
+    """Read a YAML mapping; a missing or malformed file is a :class:`UserError`. A shipped config
+    (``configs/digits/dmd2.yaml``) is found from any folder, see :func:`diffdistill.paths.resolve_path`."""
+    p = Path(resolve_path(str(path)))
     if not p.is_file():
         raise UserError(f"config file not found: {p}")
     try:

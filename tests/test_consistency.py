@@ -21,6 +21,7 @@ from diffdistill.samplers import heun
 from diffdistill.schedules import karras_sigmas
 from diffdistill.students import Student
 from diffdistill.toy import MLP, MixtureDenoiser, default_mixture, mlp_denoiser, sliced_wasserstein
+from diffdistill.training.stepper import Stepper
 
 
 @pytest.fixture(autouse=True)
@@ -145,17 +146,20 @@ N_EVAL = 4000
 
 
 def _train(method, start: int, end: int, batch: int = 256, events: list | None = None,
-           last_hook: bool = True) -> None:
-    """Run ``train_step`` / ``on_step_end`` as the training loop does (it passes step + 1 to the hook);
-    ``last_hook=False`` stops before the last hook, to look at the model before a stage switch."""
+           last_hook: bool = True, stepper: Stepper | None = None) -> Stepper:
+    """Run ``Stepper.step`` / ``on_step_end`` as the training loop does (it passes step + 1 to the hook);
+    ``last_hook=False`` stops before the last hook, to look at the model before a stage switch. Returns
+    the stepper (pass it back to continue the same run; sample inside its ``ema_weights()``)."""
     mix = default_mixture()
+    stepper = stepper or Stepper(method)
     for step in range(start, end):
         g = torch.Generator().manual_seed(1000 + step)
-        method.train_step(Batch(mix.sample(batch, g), None, g, batch), step)
+        stepper.step(Batch(mix.sample(batch, g), None, g, batch), step)
         if step + 1 < end or last_hook:
             info = method.on_step_end(step + 1)
             if info and events is not None:
                 events.append((step + 1, info))
+    return stepper
 
 
 @pytest.fixture(scope="module")
@@ -188,9 +192,10 @@ def test_cd_one_step_student_matches_the_teacher(reference):
     method = CD(teacher, _toy_student(teacher.sigma_data), cfg,
                 OptimConfig(lr=2e-3, weight_decay=0.0, lr_schedule="cosine", ema_decay=0.995), total_steps=1500)
     assert method.student.levels == [80.0] and method.student.renoise == "ddim"
-    _train(method, 0, 1500)
+    stepper = _train(method, 0, 1500)
     _, _, sw_teacher = reference
-    sw = _sw(method.generator(), 1, reference)
+    with stepper.ema_weights():
+        sw = _sw(method.generator(), 1, reference)
     assert sw < 2 * sw_teacher, (sw, sw_teacher)
 
 
@@ -203,19 +208,21 @@ def test_tscd_stages_switch_on_schedule_and_the_final_one_step_student_matches_t
     grid = method.grid
     assert method.student.levels == [80.0, float(grid[9])] and method.student.renoise == "ddim"
     events: list = []
-    _train(method, 0, 1000, events=events, last_hook=False)
+    stepper = _train(method, 0, 1000, events=events, last_hook=False)
     assert events == [] and method.stage == 0
     # after the 2-segment stage: two steps along the edges beat one step of the same model
-    two, one = _sw(method.generator(), 2, reference), _sw(method.generator(), 1, reference)
+    with stepper.ema_weights():
+        two, one = _sw(method.generator(), 2, reference), _sw(method.generator(), 1, reference)
     assert two < 0.5 * one, (two, one)
     # the switch happens at its configured step, is returned and printed, and moves the sampling levels
     assert method.on_step_end(1000) == {"stage": 1.0, "segments": 1.0}
     assert "step 1000: stage 1 with 1 segment(s)" in capsys.readouterr().out
     assert method.student.levels == [80.0]
-    _train(method, 1000, 2000, events=events)
+    _train(method, 1000, 2000, events=events, stepper=stepper)
     assert events == [] and method.extra_state() == {"stage": 1}
     _, _, sw_teacher = reference
-    sw = _sw(method.generator(), 1, reference)
+    with stepper.ema_weights():
+        sw = _sw(method.generator(), 1, reference)
     assert sw < 2 * sw_teacher, (sw, sw_teacher)
 
 
@@ -233,14 +240,14 @@ def test_tscd_previous_stage_supplies_the_trajectory_and_resumes():
     method = TSCD(teacher, _toy_student(teacher.sigma_data, 4, [80.0] * 4), cfg, OptimConfig(lr=1e-2), total_steps=8)
     assert method.student.levels == [float(method.grid[i]) for i in (8, 6, 4, 2)]
     events: list = []
-    _train(method, 0, 3, batch=16, events=events, last_hook=False)
+    stepper = _train(method, 0, 3, batch=16, events=events, last_hook=False)
     snapshot = {k: v.clone() for k, v in method.student.net.state_dict().items()}
     assert method.on_step_end(3) == {"stage": 1.0, "segments": 2.0}
     frozen = method.stage_teacher.state_dict()
     assert all(torch.equal(frozen[k], snapshot[k]) for k in snapshot)  # frozen copy of the end of stage 0
     assert not any(p.requires_grad for p in method.stage_teacher.parameters())
     calls = _Counting.calls
-    _train(method, 3, 6, batch=16, events=events)
+    _train(method, 3, 6, batch=16, events=events, stepper=stepper)
     assert _Counting.calls == calls  # stage 1 never asks the original teacher
     assert events == [(6, {"stage": 2.0, "segments": 1.0})]
     assert not all(torch.equal(method.stage_teacher.state_dict()[k], snapshot[k]) for k in snapshot)
@@ -282,8 +289,9 @@ def test_ict_from_mixture_samples_two_steps_beat_one_and_match_the_teacher(refer
     method = ICT(None, _toy_student(teacher_sd, 2, [80.0, 0.821]), cfg,
                  OptimConfig(lr=8e-3, weight_decay=0.0, lr_schedule="cosine"), total_steps=1500)
     assert method.student.levels == [80.0, 0.821] and method.student.renoise == "fresh"
-    assert isinstance(method.optimizers["student"], torch.optim.RAdam)
-    _train(method, 0, 1500, batch=512)  # CT's one-sample targets are noisy: a larger batch
+    stepper = Stepper(method)
+    assert isinstance(stepper.optimizers["student"], torch.optim.RAdam)
+    _train(method, 0, 1500, batch=512, stepper=stepper)  # CT's one-sample targets are noisy: a larger batch
     ref, z, sw_teacher = reference
     f = method.generator().net
     with torch.no_grad():
@@ -303,10 +311,21 @@ def test_adversarial_term_trains_the_head_and_leaves_it_no_generator_gradient():
     teacher = mlp_denoiser(2, sigma_data=1.5)  # an MLP: its last hidden layer is the "bottleneck"
     cfg = TSCDConfig(segments=[2], solver_steps=8, adv_weight=0.1, adv_lr=1e-3)
     method = TSCD(teacher, _toy_student(1.5), cfg, OptimConfig(lr=1e-3), total_steps=3)
+    assert method.groups == {"student": ["student"], "discriminator": ["discriminator"]}
     head = method.nets["discriminator"]
     before = [p.detach().clone() for p in head.parameters()]
-    g = torch.Generator().manual_seed(0)
-    logs = method.train_step(Batch(default_mixture().sample(32, g), None, g, 32), 0)
-    assert {"d_loss", "g_loss", "consistency"} <= set(logs)
-    assert any(not torch.equal(a, b) for a, b in zip(before, head.parameters()))
+
+    def batch():
+        g = torch.Generator().manual_seed(0)
+        return Batch(default_mixture().sample(32, g), None, g, 32)
+
+    out = method.train_step(batch(), 0)
+    assert set(out.losses) == {"student", "discriminator"} and {"d_loss", "g_loss", "consistency"} <= set(out.logs)
+    out.losses["student"].backward()  # the generator's loss (hinge term included) reaches only the student
     assert all(p.grad is None for p in head.parameters()) and all(p.requires_grad for p in head.parameters())
+    assert all(p.grad is not None for p in method.student.net.parameters())
+    method.student.net.zero_grad(set_to_none=True)
+    logs = Stepper(method).step(batch(), 0)  # both groups step on one iteration's gradients
+    assert {"grad_norm_student", "grad_norm_discriminator"} <= set(logs)
+    assert any(not torch.equal(a, b) for a, b in zip(before, head.parameters()))
+    assert all(p.grad is None for p in head.parameters())

@@ -20,6 +20,7 @@ from diffdistill.methods.gan_head import GANHead, bottleneck_features, denoise_w
 from diffdistill.samplers import euler, heun
 from diffdistill.schedules import karras_sigmas
 from diffdistill.students import Student
+from diffdistill.training.stepper import Stepper
 from diffdistill.toy import (
     MixtureDenoiser,
     default_mixture,
@@ -91,36 +92,38 @@ def test_method_dm_gradient_uses_guided_teacher_as_real_and_fake_score_as_fake()
 
 # ------------------------------------------------------------------------------------------------
 # Turn schedule, GAN head, backward simulation
-def _count_steps(m: DMD2) -> Counter:
+def _count_steps(stepper: Stepper) -> Counter:
     counts: Counter = Counter()
-    for name, opt in m.optimizers.items():
+    for name, opt in stepper.optimizers.items():
         opt.register_step_post_hook(lambda *_, name=name: counts.update([name]))
     return counts
 
 
 def test_fake_score_steps_ratio_times_per_generator_step():
     m = _toy_method(dfake_gen_update_ratio=5)
-    counts = _count_steps(m)
+    stepper = Stepper(m)
+    counts = _count_steps(stepper)
     for step in range(10):
-        logs = m.train_step(_batch(step), step)
+        logs = stepper.step(_batch(step), step)
         assert ("loss_dm" in logs) == (step % 5 == 0)
     assert counts == Counter({"student": 2, "fake_score": 10, "gan_head": 10})
 
 
 def test_gan_head_gets_no_gradient_when_both_gan_weights_are_zero():
     m = _toy_method(dfake_gen_update_ratio=1, gan_gen_weight=0.0, gan_critic_weight=0.0)
+    stepper = Stepper(m)
     head = copy.deepcopy(m.nets["gan_head"].state_dict())
     fake = copy.deepcopy(m.nets["fake_score"].state_dict())
     for step in range(3):
-        logs = m.train_step(_batch(step), step)
-        assert "loss_gan_g" not in logs and "loss_gan_d" not in logs
+        logs = stepper.step(_batch(step), step)
+        assert "loss_gan_g" not in logs and "loss_gan_d" not in logs and "grad_norm_gan_head" not in logs
     assert all(p.grad is None for p in m.nets["gan_head"].parameters())
     assert all(torch.equal(v, m.nets["gan_head"].state_dict()[k]) for k, v in head.items())
     assert any(not torch.equal(v, m.nets["fake_score"].state_dict()[k]) for k, v in fake.items())
     # control: with the published weights the head does train
     m = _toy_method(dfake_gen_update_ratio=1)
     head = copy.deepcopy(m.nets["gan_head"].state_dict())
-    m.train_step(_batch(0), 0)
+    Stepper(m).step(_batch(0), 0)
     assert any(not torch.equal(v, m.nets["gan_head"].state_dict()[k]) for k, v in head.items())
 
 
@@ -129,18 +132,26 @@ def test_gan_starts_at_gan_start_step_and_critic_is_frozen_in_generator_turn():
     seen = []
     m.nets["fake_score"].register_forward_pre_hook(
         lambda mod, i: seen.append(any(p.requires_grad for p in mod.parameters())))
-    assert "loss_gan_d" not in m.train_step(_batch(0), 0)
+    assert "loss_gan_d" not in m.train_step(_batch(0), 0).logs
     seen.clear()
-    logs = m.train_step(_batch(2), 2)
-    assert {"loss_gan_g", "loss_gan_d", "p_real", "p_fake"} <= logs.keys()
+    out = m.train_step(_batch(2), 2)
+    assert {"loss_gan_g", "loss_gan_d", "p_real", "p_fake"} <= out.logs.keys()
     # generator turn: DM fake evaluation and GAN features with the critic frozen; then the critic's
     # fake-score loss and GAN features with it trainable
     assert seen == [False, False, True, True]
+    # so the generator's loss leaves no gradient on the critic, and the critic's none on the generator
+    out.losses["student"].backward()
+    assert all(p.grad is None for n in ("fake_score", "gan_head") for p in m.nets[n].parameters())
+    assert any(p.grad is not None for p in m.student.net.parameters())
+    m.student.net.zero_grad(set_to_none=True)
+    out.losses["fake_score"].backward()
+    assert all(p.grad is None for p in m.student.net.parameters())
 
 
 def test_backward_simulation_keeps_earlier_steps_out_of_the_graph():
     levels = [80.0, 5.0, 1.0, 0.2]
     m = _toy_method(levels=levels, dfake_gen_update_ratio=1)
+    stepper = Stepper(m)
     calls = []
 
     def record(module, args, output):
@@ -150,7 +161,7 @@ def test_backward_simulation_keeps_earlier_steps_out_of_the_graph():
     depths = []
     for step in range(16):
         calls.clear()
-        logs = m.train_step(_batch(step), step)
+        logs = stepper.step(_batch(step), step)
         k = int(logs["sim_level"])
         depths.append(k)
         # k no-grad steps of the current generator, then one evaluation with grad at level k
@@ -162,8 +173,9 @@ def test_backward_simulation_keeps_earlier_steps_out_of_the_graph():
 
 def test_training_is_reproducible():
     a, b = _toy_method(dfake_gen_update_ratio=2), _toy_method(dfake_gen_update_ratio=2)
-    logs_a = [a.train_step(_batch(s), s) for s in range(3)]
-    logs_b = [b.train_step(_batch(s), s) for s in range(3)]
+    sa, sb = Stepper(a), Stepper(b)
+    logs_a = [sa.step(_batch(s), s) for s in range(3)]
+    logs_b = [sb.step(_batch(s), s) for s in range(3)]
     assert logs_a == logs_b
     assert all(torch.equal(p, q) for p, q in zip(a.student.net.parameters(), b.student.net.parameters()))
 
@@ -202,8 +214,9 @@ def test_bad_config_values_are_user_errors():
     class FP16:  # the accelerator of a train.mixed_precision=fp16 run (checked before anything moves)
         mixed_precision = "fp16"
 
-    with pytest.raises(UserError, match="does not support train.mixed_precision=fp16"):
-        _toy_method().prepare(FP16())
+    with pytest.raises(UserError, match=r"^dmd2 does not support train.mixed_precision=fp16 \(the paper found it "
+                                        r"diverges\): use bf16$"):
+        Stepper(_toy_method(), FP16())
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -328,9 +341,10 @@ def _distill(pretrained, iters: int, seed: int = 0, ratio: int = 2, lr_fake: flo
     cfg = DMD2Config(dfake_gen_update_ratio=ratio, lr=3e-3, lr_fake=lr_fake, max_quantile=0.6)
     m = DMD2(teacher, student, cfg, OptimConfig(lr=3e-3, lr_schedule="cosine"), total_steps=iters,
              fake_score=copy.deepcopy(pretrained))
+    stepper = Stepper(m)
     for step in range(iters):
         g = torch.Generator().manual_seed(1000 + step + 100000 * seed)
-        m.train_step(Batch(mix.sample(256, g), None, g, 256), step)
+        stepper.step(Batch(mix.sample(256, g), None, g, 256), step)
     n = 4000
     z = torch.randn(n, 2, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Batch, Method, OptimConfig
+from .base import Batch, Method, OptimConfig, StepOutput
 
 METHOD_MODULES: dict[str, str] = {
     "dsm": "diffdistill.methods.dsm",  # denoising score matching: trains a teacher from data
@@ -37,4 +37,4 @@ def get_method(name: str) -> type[Method]:
     return methods[name]
 
 
-__all__ = ["Batch", "Method", "OptimConfig", "METHOD_MODULES", "get_method"]
+__all__ = ["Batch", "Method", "OptimConfig", "StepOutput", "METHOD_MODULES", "get_method"]

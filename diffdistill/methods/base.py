@@ -1,19 +1,24 @@
 """The method interface: everything the training loop knows about a distillation method.
 
-A method owns its extra networks (fake score, GAN head, EMA target ...), its optimizers and its
-losses, and exposes ``train_step(batch, step) -> {name: float}``. The loop never branches on the
-method. Backward passes, gradient clipping, LR schedules and EMA are injected through
-:meth:`Method.update` and :meth:`Method.prepare`, so a method's file holds only its maths.
+A method owns its networks (student, fake score, GAN head, frozen copies ...) and its maths. Its
+``train_step(batch, step)`` returns a :class:`StepOutput`: one scalar loss per *optimizer group* plus
+floats to log. It never calls ``backward`` or steps an optimizer: the
+:class:`~diffdistill.training.stepper.Stepper` does that for every method alike (backward outside
+autocast, gradient accumulation over micro-batches, clipping, optimizer and LR-schedule steps, EMA), so
+a method's file holds only its losses and a new method needs no change to the loop.
 
-Distributed / mixed precision: :meth:`prepare` hands trainable networks to ``accelerate``
-(DDP wrapping, autocast). Use ``self.wrapped[name]`` for the forward pass of the loss that trains that
-network, and the raw module (``self.nets[name]``) where a network is only evaluated (frozen turn),
-so DDP never sees a forward whose parameters receive no gradient.
+:meth:`Method.add_network` records *what* to optimise (per-network lr / betas / optimizer kind and the
+group whose loss trains it); the Stepper builds the optimizers from it.
+
+Distributed / mixed precision: the Stepper hands trainable networks to ``accelerate`` (DDP wrapping) and
+runs ``train_step`` under autocast. Use ``self.wrapped[name]`` for the forward pass of the loss that trains
+that network, and the raw module (``self.nets[name]``) where a network is only evaluated (frozen turn), so
+DDP never sees a forward whose parameters receive no gradient.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -25,38 +30,52 @@ from ..students import Student, trainable_parameters
 
 @dataclass
 class Batch:
-    """One step's inputs, already in the denoiser's space.
+    """One micro-batch's inputs, already in the denoiser's space.
+
+    A batch is the slice ``[offset, offset + size)`` of the step's *global* batch of ``global_size``
+    samples (all processes, all gradient-accumulation micro-batches). ``Batch(images, cond, generator,
+    size)`` is a whole batch on its own (``offset=0``, ``global_size=size``).
 
     Attributes:
-        images: ``[B, C, H, W]`` clean samples (latents for latent teachers; ``[B, D]`` for toy data),
-            or ``None`` for data-free methods.
+        images: ``[size, C, H, W]`` clean samples (latents for latent teachers; ``[size, D]`` for toy
+            data), or ``None`` for data-free methods.
         cond: the batch's condition (labels, :class:`TextCond` or ``None``).
-        generator: a ``torch.Generator`` seeded from ``(train.seed, step)``, the same on every process.
-            Draw all randomness through :meth:`randn` / :meth:`rand` / :meth:`randint`: a draw whose first
-            dimension is the per-process batch size is drawn for the *global* batch and sliced, so two
-            processes see exactly the noise one process would; any other draw (e.g. DMD2's backward
-            simulation depth) is identical on every process. A resumed run repeats the interrupted one.
-        size: the per-process batch size.
-        rank, world: this process's index and the number of processes.
+        generator: a ``torch.Generator`` seeded from ``(train.seed, step)``; every micro-batch of the step,
+            on every process, gets its own generator with that same seed. Draw all randomness through
+            :meth:`randn` / :meth:`rand` / :meth:`randint`: a draw whose first dimension is ``size`` is
+            drawn for the global batch and sliced, so the slices of all micro-batches and processes
+            together are exactly the noise of one process drawing the whole batch; any other draw (e.g.
+            DMD2's backward-simulation depth) is identical in every micro-batch. A resumed run repeats the
+            interrupted one.
+        size: the number of samples in this batch.
+        offset: where this batch starts in the global batch.
+        global_size: the global batch size (``None``: ``size``).
     """
 
     images: Optional[Tensor]
     cond: Cond
     generator: torch.Generator
     size: int
-    rank: int = 0
-    world: int = 1
+    offset: int = 0
+    global_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.global_size is None:
+            self.global_size = self.size
+        if not 0 <= self.offset <= self.global_size - self.size:
+            raise ValueError(f"batch slice [{self.offset}, {self.offset + self.size}) is outside the global "
+                             f"batch of {self.global_size}")
 
     def _draw(self, fn, shape, device, **kw) -> Tensor:
         shape = tuple(shape)
         device = device or self.generator.device
-        if self.world > 1 and shape and shape[0] == self.size:
-            full = fn((self.size * self.world, *shape[1:]), generator=self.generator, device=self.generator.device, **kw)
-            return full[self.rank * self.size:(self.rank + 1) * self.size].to(device)
+        if self.global_size != self.size and shape and shape[0] == self.size:
+            full = fn((self.global_size, *shape[1:]), generator=self.generator, device=self.generator.device, **kw)
+            return full[self.offset:self.offset + self.size].to(device)
         return fn(shape, generator=self.generator, device=self.generator.device, **kw).to(device)
 
     def randn(self, shape, device=None) -> Tensor:
-        """Standard normal noise (see the class docstring for how processes share the stream)."""
+        """Standard normal noise (see the class docstring for how micro-batches share the stream)."""
         return self._draw(torch.randn, shape, device)
 
     def rand(self, shape, device=None) -> Tensor:
@@ -69,8 +88,34 @@ class Batch:
 
 
 @dataclass
+class StepOutput:
+    """What :meth:`Method.train_step` returns.
+
+    Attributes:
+        losses: optimizer group name (:attr:`Method.groups`) -> scalar loss tensor with its graph. Only the
+            groups present step this iteration (DMD2's generator group appears every
+            ``dfake_gen_update_ratio``-th iteration). Each loss must reach only its own group's networks
+            (freeze, detach or use ``requires_grad_(False)`` elsewhere): the Stepper backpropagates their
+            sum once.
+        logs: floats to log (losses, diagnostics); the Stepper adds ``grad_norm_<network>``.
+    """
+
+    losses: dict[str, Tensor]
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class OptimSpec:
+    """How one trainable network is optimised; ``None`` fields fall back to the method's OptimConfig."""
+
+    lr: Optional[float] = None
+    betas: Optional[tuple[float, float]] = None
+    optimizer: str = "adamw"  # adamw | radam (decoupled weight decay)
+
+
+@dataclass
 class OptimConfig:
-    """Optimizer settings shared by every network a method trains (AdamW + diffusers LR schedule)."""
+    """Optimizer settings shared by every network a method trains (AdamW or RAdam + diffusers LR schedule)."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -82,24 +127,30 @@ class OptimConfig:
 
 
 class Method:
-    """Base class for distillation methods.
+    """Base class for distillation methods: networks and maths, never an optimizer step.
 
     Subclasses set ``name`` and ``Config`` (a dataclass whose fields are the YAML section named after the
     method), build their networks in ``__init__`` and register them with :meth:`add_network`, then
-    implement :meth:`train_step`.
+    implement :meth:`train_step`, which returns the losses per optimizer group (:class:`StepOutput`).
+    Backward passes, gradient clipping, optimizer and LR-schedule steps and the EMA of the student belong
+    to :class:`~diffdistill.training.stepper.Stepper`, the one implementation the loop, tests and
+    benchmarks share (NVlabs/FastGen's division of labour): a method file holds only its maths, and a new
+    method needs no change to the loop.
 
     Args:
         teacher: the teacher denoiser, unguided (wrap with ``CFGDenoiser`` inside the method), or
             ``None`` for methods that train from data alone.
         student: the student generator; its ``net`` is registered as network ``"student"``.
         config: the method's hyperparameters (an instance of ``Config``).
-        optim: optimizer settings; ``lr`` may be overridden per network in :meth:`add_network`.
+        optim: optimizer settings; ``lr`` / ``betas`` may be overridden per network in :meth:`add_network`.
         total_steps: the run's ``train.steps`` (for curricula and LR schedules).
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
     needs_data: ClassVar[bool] = True  # data-free methods (BOOT) set False: the loop opens no dataset
+    supports_fp16: ClassVar[bool] = True  # False: the Stepper refuses train.mixed_precision=fp16
+    fp16_reason: ClassVar[str] = ""  # why not, shown in that error
 
     def __init__(self, teacher: Optional[Denoiser], student: Student, config: Any,
                  optim: Optional[OptimConfig] = None, total_steps: int = 1000) -> None:
@@ -110,103 +161,59 @@ class Method:
         self.total_steps = total_steps
         self.nets: dict[str, nn.Module] = {}
         self.wrapped: dict[str, nn.Module] = {}
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.schedulers: dict[str, Any] = {}
-        self.accelerator = None
-        self.last_grad_norm: dict[str, float] = {}
-        self.ema = None
+        self.optim_specs: dict[str, OptimSpec] = {}
+        self.groups: dict[str, list[str]] = {}
+        self.accelerator = None  # set by the Stepper (process-aware printing); None in plain Python
         if teacher is not None:
             for p in teacher.parameters():
                 p.requires_grad_(False)
             teacher.eval()
         self.add_network("student", student.net)
-        if self.optim.ema_decay > 0:
-            from diffusers.training_utils import EMAModel
-
-            self.ema = EMAModel(trainable_parameters(student.net), decay=self.optim.ema_decay)
 
     # ----------------------------------------------------------------------------------------------
-    # Networks and optimizers
+    # Networks: what to optimise (the Stepper builds the optimizers)
     def add_network(self, name: str, net: nn.Module, lr: Optional[float] = None,
-                    betas: Optional[tuple[float, float]] = None) -> nn.Module:
-        """Register a network to checkpoint; if it has trainable parameters, give it an AdamW."""
+                    betas: Optional[tuple[float, float]] = None, optimizer: str = "adamw",
+                    group: Optional[str] = None) -> nn.Module:
+        """Register a network to checkpoint; if it has trainable parameters, record how to optimise it.
+
+        Args:
+            name: the network's name (checkpoint file ``<name>.safetensors``, ``wrapped[name]``).
+            lr, betas: override ``optim.lr`` / ``optim.betas`` for this network.
+            optimizer: ``"adamw"`` or ``"radam"`` (decoupled weight decay, iCT's optimizer).
+            group: the optimizer group whose loss trains it (:attr:`groups`); default its own ``name``.
+                Several networks share a group when one loss trains them all (DMD2's critic loss trains
+                the fake score and the GAN head): one backward, then each clips and steps on its own.
+
+        Registering a name again replaces the earlier registration.
+        """
+        if optimizer not in ("adamw", "radam"):
+            raise ValueError(f"optimizer must be 'adamw' or 'radam', got {optimizer!r}")
+        for members in self.groups.values():
+            if name in members:
+                members.remove(name)
+        self.groups = {g: m for g, m in self.groups.items() if m}
+        self.optim_specs.pop(name, None)
         self.nets[name] = net
         self.wrapped[name] = net
-        params = trainable_parameters(net)
-        if params:
-            o = self.optim
-            self.optimizers[name] = torch.optim.AdamW(params, lr=lr if lr is not None else o.lr,
-                                                      betas=tuple(betas or o.betas), weight_decay=o.weight_decay)
-            from diffusers.optimization import get_scheduler
-
-            self.schedulers[name] = get_scheduler(o.lr_schedule, self.optimizers[name],
-                                                  num_warmup_steps=o.warmup_steps, num_training_steps=self.total_steps)
+        if trainable_parameters(net):
+            self.optim_specs[name] = OptimSpec(lr, None if betas is None else tuple(betas), optimizer)
+            self.groups.setdefault(group or name, []).append(name)
         return net
-
-    def prepare(self, accelerator) -> None:
-        """Hand trainable networks, optimizers and schedulers to ``accelerate`` (DDP, autocast, scaler)."""
-        self.accelerator = accelerator
-        for name in list(self.optimizers):
-            self.wrapped[name], self.optimizers[name], self.schedulers[name] = accelerator.prepare(
-                self.nets[name], self.optimizers[name], self.schedulers[name])
-        for name, net in self.nets.items():
-            if name not in self.optimizers:
-                net.to(accelerator.device)
-        if self.teacher is not None:
-            self.teacher.to(accelerator.device)
-        if self.ema is not None:
-            self.ema.to(accelerator.device)
 
     @property
     def device(self) -> torch.device:
         return next(self.student.net.parameters()).device
 
-    def update(self, name: str, loss: Tensor) -> float:
-        """Backward ``loss`` into network ``name``, clip, step its optimizer and LR schedule; grad norm."""
-        opt = self.optimizers[name]
-        if self.accelerator is not None:
-            self.accelerator.backward(loss)
-        else:
-            loss.backward()
-        params = [p for g in opt.param_groups for p in g["params"]]
-        clip = self.optim.grad_clip if self.optim.grad_clip > 0 else float("inf")
-        if self.accelerator is not None:
-            norm = self.accelerator.clip_grad_norm_(params, clip)
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        self.schedulers[name].step()
-        opt.zero_grad(set_to_none=True)
-        self.last_grad_norm[name] = float(norm) if norm is not None else float("nan")
-        if name == "student" and self.ema is not None:
-            self.ema.step(trainable_parameters(self.student.net))
-        return self.last_grad_norm[name]
-
-    def ema_state(self) -> Optional[dict[str, Tensor]]:
-        """EMA shadow weights keyed by parameter name (``None`` without EMA), for checkpoints."""
-        if self.ema is None:
-            return None
-        names = [n for n, p in self.student.net.named_parameters() if p.requires_grad]
-        return dict(zip(names, self.ema.shadow_params))
-
-    def load_ema_state(self, state: dict[str, Tensor]) -> None:
-        names = [n for n, p in self.student.net.named_parameters() if p.requires_grad]
-        self.ema.shadow_params = [state[n].to(self.device) for n in names]
-
-    def ema_student(self) -> Student:
-        """A copy of the student carrying the EMA weights (the student itself when EMA is off)."""
-        if self.ema is None:
-            return self.student
-        import copy
-
-        student = copy.deepcopy(self.student)
-        self.ema.copy_to(trainable_parameters(student.net))
-        return student
-
     # ----------------------------------------------------------------------------------------------
     # The step
-    def train_step(self, batch: Batch, step: int) -> dict[str, float]:  # pragma: no cover - abstract
-        """Run one training iteration; return scalar losses (and diagnostics) to log."""
+    def train_step(self, batch: Batch, step: int) -> StepOutput:  # pragma: no cover - abstract
+        """Compute one iteration's losses on ``batch``; step nothing (the Stepper does).
+
+        Use ``self.wrapped[name]`` for the forward pass of a loss that trains network ``name`` (so DDP
+        synchronises its gradients) and the raw ``self.nets[name]`` where the network is only evaluated.
+        The Stepper runs this under autocast and backpropagates outside it.
+        """
         raise NotImplementedError
 
     def on_step_end(self, step: int) -> dict[str, float]:
@@ -214,12 +221,17 @@ class Method:
         return {}
 
     def generator(self) -> Any:
-        """What to sample from: a :class:`Student` (one/few-step), or a :class:`Denoiser` that the
-        generator API integrates with an ODE solver (teacher training). EMA weights when EMA is on."""
-        return self.ema_student()
+        """What to sample from, on the LIVE weights: a :class:`Student` (one/few-step), or a
+        :class:`Denoiser` that the generator API integrates with an ODE solver (teacher training).
+
+        It never copies EMA weights: the loop samples and saves inside ``Stepper.ema_weights()``, which
+        swaps them into these very modules for the duration.
+        """
+        return self.student
 
     def save_artifacts(self, run_dir) -> None:
-        """Hook after each checkpoint on the main process (e.g. export a diffusers folder)."""
+        """Hook after each checkpoint on the main process (e.g. export a diffusers folder); runs inside
+        ``Stepper.ema_weights()``, so the live student carries the EMA weights when EMA is on."""
 
     # ----------------------------------------------------------------------------------------------
     # Extra state (counters, stage index): JSON-serialisable, saved in the checkpoint's meta.json.

@@ -54,7 +54,7 @@ from ..denoiser import CFGDenoiser, Cond, Denoiser, append_dims, as_sigma_batch,
 from ..errors import UserError
 from ..schedules import karras_sigmas
 from ..students import Student
-from .base import Batch, Method, OptimConfig
+from .base import Batch, Method, OptimConfig, StepOutput
 
 
 @dataclass
@@ -216,11 +216,10 @@ class BOOT(Method):
         return {"loss": loss_bs + self.config.beta * loss_bc, "loss_bs": loss_bs, "loss_bc": loss_bc,
                 "d_mean": d.mean()}
 
-    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
-        """One student update; never reads ``batch.images``."""
+    def train_step(self, batch: Batch, step: int) -> StepOutput:
+        """The student's loss for one batch; never reads ``batch.images``."""
         out = self.losses(batch)
-        grad_norm = self.update("student", out["loss"])
-        return {k: float(v.detach()) for k, v in out.items()} | {"grad_norm": grad_norm}
+        return StepOutput({"student": out["loss"]}, {k: float(v.detach()) for k, v in out.items()})
 
 
 METHOD = BOOT

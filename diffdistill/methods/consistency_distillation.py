@@ -22,7 +22,9 @@ A k-segment student samples k steps along the edges with deterministic DDIM re-n
 ``student.levels`` equal to the current stage's edges and ``renoise="ddim"``.
 Optional adversarial term (PCM [code]; here DMD2's small GAN head on the frozen teacher's bottleneck
 features, unconditional): prediction and target are re-noised from the edge to a level inside the
-segment, hinge loss, weight 0.1; the head steps every iteration, before the student.
+segment, hinge loss, weight 0.1. The head (group ``discriminator``) and the student step together on one
+iteration's gradients, so the generator's hinge term sees the head before this iteration's update
+(simultaneous rather than alternating updates).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from torch import Tensor
 from ..denoiser import Cond, Denoiser, append_dims
 from ..errors import UserError
 from ..students import Student, freeze
-from .base import Batch, Method, OptimConfig
+from .base import Batch, Method, OptimConfig, StepOutput
 from .consistency import (LOSSES, ConsistencyDenoiser, consistency_distance, ddim_jump, draw_seed, fixed_rng,
                           guided_denoiser, ict_sigmas, solver_step)
 
@@ -196,7 +198,7 @@ class TSCD(Method):
 
     # ----------------------------------------------------------------------------------------------
     # The step
-    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
+    def train_step(self, batch: Batch, step: int) -> StepOutput:
         c = self.config
         logs: dict[str, float] = {}
         if self._stage_at(step) != self.stage:  # e.g. a loop that does not call on_step_end
@@ -237,12 +239,13 @@ class TSCD(Method):
         weight = 1.0 / (s_hi - s_lo) if c.weighting == "ict" else torch.ones_like(s_hi)
         loss = (weight * consistency_distance(pred, target, c.loss, c.huber_c)).mean()
         logs["consistency"] = float(loss.detach())
+        losses: dict[str, Tensor] = {}
         if c.adv_weight > 0:
-            g_loss = self._adversarial(pred, target, edge, s_edge, batch, logs)
+            g_loss, losses["discriminator"] = self._adversarial(pred, target, edge, s_edge, batch, logs)
             loss = loss + c.adv_weight * g_loss
-        self.update("student", loss)
-        logs.update(loss=float(loss.detach()), grad_norm=self.last_grad_norm["student"])
-        return logs
+        losses["student"] = loss
+        logs["loss"] = float(loss.detach())
+        return StepOutput(losses, logs)
 
     # ----------------------------------------------------------------------------------------------
     # Optional adversarial term
@@ -253,8 +256,11 @@ class TSCD(Method):
         return bottleneck_features(self.teacher, x, s, cond)
 
     def _adversarial(self, pred: Tensor, target: Tensor, edge: Tensor, s_edge: Tensor, batch: Batch,
-                     logs: dict[str, float]) -> Tensor:
-        """Discriminator update (hinge) on re-noised target vs prediction; returns the generator's hinge loss."""
+                     logs: dict[str, float]) -> tuple[Tensor, Tensor]:
+        """Hinge losses on re-noised target (real) vs prediction (fake): ``(generator's, discriminator's)``.
+
+        The discriminator's loss sees the prediction detached; the generator's goes through the raw head
+        with its parameters frozen for that forward, so it leaves no gradient on the head."""
         seg = self.config.solver_steps // self.config.segments[self.stage]
         dev = pred.device
         # a level inside the segment (PCM: uniform timestep in [edge, edge + T/k)); travel there from the edge
@@ -268,19 +274,20 @@ class TSCD(Method):
             f_fake = self._features(fake.detach(), s_adv, batch.cond)
         head = self.wrapped["discriminator"]
         d_loss = torch.relu(1 - head(f_real)).mean() + torch.relu(1 + head(f_fake)).mean()
-        self.update("discriminator", d_loss)
         raw = self.nets["discriminator"]
         raw.requires_grad_(False)  # the generator turn must not leave gradients on the head
-        g_loss = -raw(self._features(fake, s_adv, batch.cond)).mean()
-        raw.requires_grad_(True)
+        try:
+            g_loss = -raw(self._features(fake, s_adv, batch.cond)).mean()
+        finally:
+            raw.requires_grad_(True)
         logs.update(d_loss=float(d_loss.detach()), g_loss=float(g_loss.detach()))
-        return g_loss
+        return g_loss, d_loss
 
     # ----------------------------------------------------------------------------------------------
     def generator(self) -> Student:
-        """The (EMA) student through ``f``, sampled along the current stage's edges with DDIM re-noising."""
-        student = self.ema_student()
-        net = ConsistencyDenoiser(student.net, float(self.grid[0])) if self.config.consistency_param else student.net
+        """The live student through ``f``, sampled along the current stage's edges with DDIM re-noising."""
+        net = self.student.net
+        net = ConsistencyDenoiser(net, float(self.grid[0])) if self.config.consistency_param else net
         return Student(net, self.student.levels, self.student.renoise)
 
     def extra_state(self) -> dict[str, Any]:

@@ -17,10 +17,17 @@ Critic turn (every iteration, on the same ``sg(x)``)::
     L_D = softplus(head(feat(x + s' n))) + softplus(-head(feat(real + s'' n'')))
     L_critic = L_fake + w_gan_d L_D            # L_D trains the head and the fake-score backbone
 
+Optimizer groups (:class:`~diffdistill.methods.base.StepOutput`): ``student`` (``L_G``, generator
+iterations only) and ``fake_score`` (``L_critic``, every iteration), which trains both the fake score and
+the GAN head: one backward, then each clips and steps with its own optimizer. Both turns of an iteration
+are computed before anything steps, with ``G``'s output of that iteration; the critic sees ``sg(x)``, so
+this is the official order (generator update, then critic update on the same samples).
+
 K-step students (``student.levels``): *backward simulation* picks one level ``k`` per batch, runs the
 current generator ``k`` steps without gradients, re-noises to ``levels[k]`` and trains ``G`` on its one
 prediction there, so no gradient ever flows through the chain. Order of turns, random labels for the
-generator and the per-iteration LR schedule follow the official code (tianweiy/DMD2).
+generator and the per-iteration LR schedule (the Stepper steps every schedule every iteration) follow
+the official code (tianweiy/DMD2).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from ..denoiser import CFGDenoiser, Cond, Denoiser, append_dims, cond_cat
 from ..errors import UserError
 from ..schedules import karras_sigmas
 from ..students import Student
-from .base import Batch, Method, OptimConfig
+from .base import Batch, Method, OptimConfig, StepOutput
 from .gan_head import GANHead, bottleneck_features, feature_shape
 
 
@@ -95,6 +102,8 @@ class DMD2(Method):
 
     name = "dmd2"
     Config = DMD2Config
+    supports_fp16 = False
+    fp16_reason = "the paper found it diverges"
 
     def __init__(self, teacher: Denoiser, student: Student, config: DMD2Config,
                  optim: Optional[OptimConfig] = None, total_steps: int = 1000,
@@ -116,43 +125,35 @@ class DMD2(Method):
         self.add_network("fake_score", fake_score, lr=lr_fake)
         if config.gan:
             head = GANHead(feature_shape(fake_score)).to(next(fake_score.parameters()).device)
-            self.add_network("gan_head", head, lr=lr_fake)
+            self.add_network("gan_head", head, lr=lr_fake, group="fake_score")  # trained by the critic loss
         self.real_score = CFGDenoiser(teacher, config.guidance_scale)
         grid = teacher.sigmas  # ascending; the teacher's own discrete levels (VP timesteps) when it has them
         if grid is None:
             grid = karras_sigmas(config.grid_levels, teacher.sigma_min, teacher.sigma_max).flip(0)
         self.grid = grid.detach().float().cpu()
 
-    def prepare(self, accelerator) -> None:
-        # One critic backward feeds two optimizers (fake score, GAN head); accelerate's fp16 scaler
-        # unscales per optimizer step and would unscale the head's gradients twice. The paper found
-        # fp16 diverges anyway and trains in bf16.
-        if getattr(accelerator, "mixed_precision", "no") == "fp16":
-            raise UserError("dmd2 does not support train.mixed_precision=fp16 (the paper found it diverges): use bf16")
-        super().prepare(accelerator)
-
     # ----------------------------------------------------------------------------------------------
     # The step
-    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
+    def train_step(self, batch: Batch, step: int) -> StepOutput:
         cfg = self.config
         gan_on = cfg.gan and step >= cfg.gan_start_step
         logs: dict[str, float] = {}
+        losses: dict[str, Tensor] = {}
         x_in, s_in, cond, level = self._generator_input(batch)
         if len(self.student.levels) > 1:
             logs["sim_level"] = float(level)
         if step % cfg.dfake_gen_update_ratio == 0:  # generator turn first, as in the official trainer
-            with self._autocast():
-                x = self.wrapped["student"](x_in, s_in, cond)
+            x = self.wrapped["student"](x_in, s_in, cond)
+            # frozen while L_G's graph is recorded: the critic gets no gradient from it
             with self._frozen("fake_score", "gan_head"):
-                loss, parts = self._generator_loss(x, cond, batch, gan_on)
-                logs.update(parts)
-                logs["grad_norm_student"] = self.update("student", loss)
+                losses["student"], parts = self._generator_loss(x, cond, batch, gan_on)
+            logs.update(parts)
         else:
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad():
                 x = self.student.net(x_in, s_in, cond)
-            self.schedulers["student"].step()  # the official LR schedule counts iterations, not updates
-        logs.update(self._critic_step(x.detach(), cond, batch, gan_on))
-        return logs
+        losses["fake_score"], parts = self._critic_loss(x.detach(), cond, batch, gan_on)
+        logs.update(parts)
+        return StepOutput(losses, logs)
 
     def _generator_loss(self, x: Tensor, cond: Cond, batch: Batch, gan_on: bool) -> tuple[Tensor, dict]:
         """``L_G`` on generated ``x`` (with grad); critic networks are evaluated raw and frozen."""
@@ -160,7 +161,7 @@ class DMD2(Method):
         lo, hi = self._index_range(cfg.min_quantile, cfg.max_quantile)
         s = self._draw_sigma(batch, len(x), lo, hi)
         n = self._randn(batch, x.shape)
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad():
             x_s = x.detach() + append_dims(s, x.ndim) * n
             mu_real = self.real_score(x_s, s, cond)
             mu_fake = self.nets["fake_score"](x_s, s, cond)
@@ -168,16 +169,15 @@ class DMD2(Method):
         loss = cfg.dm_loss_weight * loss_dm
         logs = {"loss_dm": float(loss_dm.detach()), "dm_grad_rms": float(grad.pow(2).mean().sqrt())}
         if gan_on and cfg.gan_gen_weight > 0:
-            with self._autocast():
-                x_g, s_g = self._gan_noised(x, batch)
-                logits = self.nets["gan_head"](bottleneck_features(self.nets["fake_score"], x_g, s_g, cond))
+            x_g, s_g = self._gan_noised(x, batch)
+            logits = self.nets["gan_head"](bottleneck_features(self.nets["fake_score"], x_g, s_g, cond))
             loss_gan = F.softplus(-logits).mean()
             loss = loss + cfg.gan_gen_weight * loss_gan
             logs["loss_gan_g"] = float(loss_gan.detach())
         return loss, logs
 
-    def _critic_step(self, x: Tensor, cond: Cond, batch: Batch, gan_on: bool) -> dict[str, float]:
-        """Fake-score denoising loss on ``sg(G(z))`` plus the GAN D-loss, then one backward.
+    def _critic_loss(self, x: Tensor, cond: Cond, batch: Batch, gan_on: bool) -> tuple[Tensor, dict]:
+        """``L_critic``: the fake-score denoising loss on ``sg(G(z))`` plus the GAN D-loss.
 
         The loss goes through the wrapped fake score (full forward); the GAN features of noised fake and
         real images through the raw one, stopped at the bottleneck (the official GAN branch's shortcut).
@@ -186,8 +186,7 @@ class DMD2(Method):
         b = len(x)
         s = self._draw_sigma(batch, b, 0, len(self.grid) - 1)  # the teacher's whole noise range
         x_s = x + append_dims(s, x.ndim) * self._randn(batch, x.shape)
-        with self._autocast():  # the DDP-wrapped forward: it arms the gradient all-reduce of the fake score
-            x0 = self.wrapped["fake_score"](x_s, s, cond)
+        x0 = self.wrapped["fake_score"](x_s, s, cond)  # the DDP-wrapped forward: it arms the gradient all-reduce
         sd = self.teacher.sigma_data
         weight = 1 / s**2 + (1 / sd**2 if cfg.fake_weighting == "edm" else 0.0)  # eps-MSE = (D - x)^2 / s^2
         loss_fake = (append_dims(weight, x.ndim) * (x0.float() - x) ** 2).mean()
@@ -198,20 +197,16 @@ class DMD2(Method):
                 raise UserError("dmd2's GAN loss needs real images: set data.name or dmd2.gan=false")
             real = batch.images.to(self.device, torch.float32)
             (x_f, s_f), (x_r, s_r) = self._gan_noised(x, batch), self._gan_noised(real, batch)
-            with self._autocast():  # fake and real in one batch, each with its own condition
-                feats = bottleneck_features(self.nets["fake_score"], torch.cat([x_f, x_r]), torch.cat([s_f, s_r]),
-                                            cond_cat([cond, self._real_cond(batch)]))
-                logits = self.wrapped["gan_head"](feats)
+            # fake and real in one batch, each with its own condition
+            feats = bottleneck_features(self.nets["fake_score"], torch.cat([x_f, x_r]), torch.cat([s_f, s_r]),
+                                        cond_cat([cond, self._real_cond(batch)]))
+            logits = self.wrapped["gan_head"](feats)
             on_fake, on_real = logits[:b], logits[b:]
             loss_d = F.softplus(on_fake).mean() + F.softplus(-on_real).mean()
             loss = loss + cfg.gan_critic_weight * loss_d
             logs.update(loss_gan_d=float(loss_d.detach()), p_real=float(torch.sigmoid(on_real.detach()).mean()),
                         p_fake=float(torch.sigmoid(on_fake.detach()).mean()))
-        # one backward into the fake score and the head; each then clips and steps with its own optimizer
-        logs["grad_norm_fake_score"] = self.update("fake_score", loss)
-        if "loss_gan_d" in logs:
-            logs["grad_norm_gan_head"] = self._step_with_existing_grads("gan_head")
-        return logs
+        return loss, logs
 
     # ----------------------------------------------------------------------------------------------
     # Generator inputs and conditions
@@ -233,7 +228,7 @@ class DMD2(Method):
             real = batch.images.to(self.device, torch.float32)
             return real + levels[k] * z[: len(real)], levels[k], self._real_cond(batch), k
         x = levels[0] * z
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad():
             for i in range(k):  # the current generator's own k-step sample, never in the graph
                 x0 = self.student.net(x, levels[i], cond).float()
                 if self.student.renoise == "fresh":
@@ -276,9 +271,6 @@ class DMD2(Method):
     def _randn(self, batch: Batch, shape) -> Tensor:
         return batch.randn(tuple(shape)).to(self.device)
 
-    def _autocast(self):
-        return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
-
     @contextlib.contextmanager
     def _frozen(self, *names: str):
         """Freeze the named networks' trainable parameters for the block (the generator turn)."""
@@ -290,21 +282,6 @@ class DMD2(Method):
         finally:
             for p in params:
                 p.requires_grad_(True)
-
-    def _step_with_existing_grads(self, name: str) -> float:
-        """Clip and step network ``name`` with gradients already accumulated (no backward)."""
-        opt = self.optimizers[name]
-        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        if not params:  # the GAN is off this step: no update, and its LR schedule waits for the first one
-            return 0.0
-        clip = self.optim.grad_clip if self.optim.grad_clip > 0 else float("inf")
-        clip_fn = self.accelerator.clip_grad_norm_ if self.accelerator is not None else torch.nn.utils.clip_grad_norm_
-        norm = float(clip_fn(params, clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        self.schedulers[name].step()
-        self.last_grad_norm[name] = norm
-        return norm
 
 
 def _validate(cfg: DMD2Config) -> None:

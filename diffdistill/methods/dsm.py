@@ -22,7 +22,7 @@ import torch
 
 from ..errors import UserError
 from ..students import Student
-from .base import Batch, Method
+from .base import Batch, Method, StepOutput
 
 
 def _default_unet() -> dict:
@@ -85,7 +85,7 @@ class DSM(Method):
                 "resolution": cfg.data.resolution, "channels": channels, "trained_by": "diffdistill teacher train"}
         return cls(student, c, optim, cfg.train.steps, meta), None
 
-    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
+    def train_step(self, batch: Batch, step: int) -> StepOutput:
         c: DSMConfig = self.config
         net = self.student.net
         x0 = batch.images
@@ -102,20 +102,21 @@ class DSM(Method):
                   "sample": torch.ones_like(sigma)}[c.prediction_type]
         per_sample = ((x0_hat - x0) ** 2).flatten(1).mean(1)
         loss = (weight * per_sample).mean()
-        self.update("student", loss)
-        return {"loss": loss.item(), "grad_norm": self.last_grad_norm["student"]}
+        return StepOutput({"student": loss}, {"loss": float(loss.detach())})
 
     def generator(self):
-        """A teacher is sampled with an ODE solver: return the (EMA) denoiser itself."""
-        return self.ema_student().net
+        """A teacher is sampled with an ODE solver: return the live denoiser itself (the loop swaps the
+        EMA weights in while it samples)."""
+        return self.student.net
 
     def save_artifacts(self, run_dir) -> None:
-        """Export the (EMA) network as a diffusers folder at ``RUN/teacher`` (what ``teacher.path`` loads)."""
+        """Export the network as a diffusers folder at ``RUN/teacher`` (what ``teacher.path`` loads); the loop
+        calls this inside ``Stepper.ema_weights()``, so it holds the EMA weights when EMA is on."""
         from diffusers import DDPMScheduler
 
         from ..teachers import save_teacher_folder
 
-        net = self.ema_student().net
+        net = self.student.net
         save_teacher_folder(net.unet, DDPMScheduler.from_config(net.scheduler_config), Path(run_dir) / "teacher", self.meta)
 
 

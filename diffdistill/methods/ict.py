@@ -25,8 +25,8 @@ import torch
 
 from ..denoiser import Denoiser
 from ..errors import UserError
-from ..students import Student, trainable_parameters
-from .base import Batch, Method, OptimConfig
+from ..students import Student
+from .base import Batch, Method, OptimConfig, StepOutput
 from .consistency import (LOSSES, ConsistencyDenoiser, consistency_distance, draw_seed, fixed_rng, ict_num_levels,
                           ict_sigmas, lognormal_level_probs, set_dropout)
 
@@ -74,22 +74,11 @@ class ICT(Method):
             print(f"[ict] warning: ict.dropout={config.dropout} but the student has no dropout layer")
         super().__init__(teacher, student, config, optim, total_steps)
         self.f = ConsistencyDenoiser(student.net, config.sigma_min, config.sigma_data)
-        if config.optimizer == "radam":
-            self._use_radam()
+        if config.optimizer == "radam":  # iCT's optimizer: same lr / betas, decoupled weight decay
+            self.add_network("student", student.net, optimizer="radam")
         student.levels = self._sampling_levels(student.steps, student.levels)
         student.renoise = "fresh"
         self._grid_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _use_radam(self) -> None:
-        """Swap the student's AdamW for RAdam (iCT's optimizer), same lr / betas / decoupled weight decay."""
-        from diffusers.optimization import get_scheduler
-
-        o = self.optim
-        opt = torch.optim.RAdam(trainable_parameters(self.student.net), lr=o.lr, betas=tuple(o.betas),
-                                weight_decay=o.weight_decay, decoupled_weight_decay=True)
-        self.optimizers["student"] = opt
-        self.schedulers["student"] = get_scheduler(o.lr_schedule, opt, num_warmup_steps=o.warmup_steps,
-                                                   num_training_steps=self.total_steps)
 
     def _sampling_levels(self, steps: int, levels: list[float]) -> list[float]:
         """Keep explicit levels starting at s_max; otherwise ``[s_max, *taus[:steps - 1]]``."""
@@ -111,7 +100,7 @@ class ICT(Method):
         sigmas, cdf = self._grid_cache[num_levels]
         return sigmas.to(device), cdf.to(device)
 
-    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
+    def train_step(self, batch: Batch, step: int) -> StepOutput:
         c = self.config
         if batch.images is None:
             raise UserError("ict trains from data: use data with images (digits, folder, toy2d), not prompts")
@@ -134,14 +123,11 @@ class ICT(Method):
             pred = self.f.apply(x_hi, s_hi, self.wrapped["student"](x_hi, s_hi, batch.cond))
         weight = 1.0 / (s_hi - s_lo)  # lambda_i
         loss = (weight * consistency_distance(pred, target, c.loss, c.huber_c)).mean()
-        self.update("student", loss)
-        return {"loss": float(loss.detach()), "num_levels": float(num_levels),
-                "grad_norm": self.last_grad_norm["student"]}
+        return StepOutput({"student": loss}, {"loss": float(loss.detach()), "num_levels": float(num_levels)})
 
     def generator(self) -> Student:
-        """The (EMA) student sampled through the consistency function ``f`` at ``[s_max, *taus]``."""
-        student = self.ema_student()
-        return Student(ConsistencyDenoiser(student.net, self.config.sigma_min, self.config.sigma_data),
+        """The live student sampled through the consistency function ``f`` at ``[s_max, *taus]``."""
+        return Student(ConsistencyDenoiser(self.student.net, self.config.sigma_min, self.config.sigma_data),
                        self.student.levels, "fresh")
 
 

@@ -1,11 +1,13 @@
 """Deterministic batches: the batch of step ``k`` is a pure function of ``(seed, k)``.
 
 The global batch of step ``k`` is ``global_batch`` indices drawn without replacement from a generator
-seeded with ``(seed, k)``; process ``r`` of ``W`` takes slice ``r``. So a resumed run sees exactly the
-batches the interrupted one would have, each process sees its own shard, and the union over processes
-equals the one-process batch. The step's noise comes from a second generator seeded with
-``(seed, k)`` that draws for the global batch (:class:`~diffdistill.methods.Batch`), so W processes
-reproduce the one-process run up to the order of floating-point reductions.
+seeded with ``(seed, k)``; process ``r`` of ``W`` takes slice ``r``, and with gradient accumulation each of
+its ``grad_accum`` micro-batches takes a consecutive part of that slice. So a resumed run sees exactly
+the batches the interrupted one would have, and the union over processes and micro-batches equals the
+one-process batch. The step's noise comes from a generator seeded with ``(seed, k)`` (a fresh one per
+micro-batch) that draws for the global batch and slices (:class:`~diffdistill.methods.Batch`), so W
+processes and k micro-batches reproduce the one-process, one-batch run up to the order of floating-point
+reductions.
 """
 
 from __future__ import annotations
@@ -17,25 +19,28 @@ import torch
 from ..denoiser import cond_to
 from ..errors import UserError
 from ..methods import Batch
+from ..seeding import mix_seed  # also re-exported: older imports read it from here
 
 
-def mix_seed(*ints: int) -> int:
-    """A 63-bit seed from several integers (splitmix-style), stable across runs and platforms."""
-    h = 0x9E3779B97F4A7C15
-    for v in ints:
-        h ^= (int(v) + 0x9E3779B97F4A7C15 + ((h << 6) & (2**64 - 1)) + (h >> 2)) & (2**64 - 1)
-        h = (h * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    return h & (2**63 - 1)
+def micro_batch_size(global_batch: int, world: int, grad_accum: int) -> int:
+    """Samples per micro-batch; a :class:`UserError` unless ``grad_accum`` divides the per-process batch."""
+    if global_batch % world != 0:
+        raise UserError(f"train.batch_size={global_batch} must be divisible by the {world} processes")
+    local = global_batch // world
+    if grad_accum < 1 or local % grad_accum != 0:
+        raise UserError(f"train.grad_accum={grad_accum} must divide the per-process batch {local} "
+                        f"(train.batch_size={global_batch} over {world} process(es))")
+    return local // grad_accum
 
 
 class BatchSource:
-    """Produces the :class:`Batch` of each step for one process.
+    """Produces the :class:`Batch` (or the micro-batches) of each step for one process.
 
     Args:
         dataset: a map-style dataset returning ``(image, label)`` (or ``None`` for data-free methods).
         teacher: the teacher bundle (``encode_images`` / ``encode_prompts``; ``None`` when training a teacher).
         num_classes: class count of the model being trained or distilled (``None``: unconditional).
-        global_batch: batch size summed over processes.
+        global_batch: batch size summed over processes (and micro-batches).
         rank, world: this process's index and the number of processes.
         seed: ``train.seed``.
         device: where batches go.
@@ -45,8 +50,7 @@ class BatchSource:
     def __init__(self, dataset: Optional[Any], teacher: Optional[Any], num_classes: Optional[int],
                  global_batch: int, rank: int, world: int, seed: int, device: torch.device,
                  prompts: Optional[list[str]] = None) -> None:
-        if global_batch % world != 0:
-            raise UserError(f"train.batch_size={global_batch} must be divisible by the {world} processes")
+        micro_batch_size(global_batch, world, 1)
         if dataset is not None and len(dataset) == 0:
             raise UserError("the dataset is empty")
         self.dataset, self.teacher, self.num_classes = dataset, teacher, num_classes
@@ -58,14 +62,16 @@ class BatchSource:
         self._images = getattr(dataset, "images", None)
         self._labels = getattr(dataset, "labels", None)
 
-    def indices(self, step: int, n: int) -> torch.Tensor:
-        """This process's slice of the step's global draw from ``n`` items."""
+    def global_indices(self, step: int, n: int) -> torch.Tensor:
+        """The step's global draw of ``global_batch`` indices from ``n`` items."""
         g = torch.Generator().manual_seed(mix_seed(self.seed, step))
         if n >= self.global_batch:
-            idx = torch.randperm(n, generator=g)[: self.global_batch]
-        else:  # tiny datasets: sample with replacement
-            idx = torch.randint(n, (self.global_batch,), generator=g)
-        return idx[self.rank * self.local:(self.rank + 1) * self.local]
+            return torch.randperm(n, generator=g)[: self.global_batch]
+        return torch.randint(n, (self.global_batch,), generator=g)  # tiny datasets: with replacement
+
+    def indices(self, step: int, n: int) -> torch.Tensor:
+        """This process's slice of the step's global draw from ``n`` items."""
+        return self.global_indices(step, n)[self.rank * self.local:(self.rank + 1) * self.local]
 
     def _load(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._images is not None:
@@ -77,13 +83,30 @@ class BatchSource:
         return images, labels
 
     def __call__(self, step: int) -> Batch:
+        """This process's whole batch of step ``step``."""
+        return self._batch(step, self.rank * self.local, self.local)
+
+    def micro_batches(self, step: int, grad_accum: int = 1) -> list[Batch]:
+        """This process's batch of step ``step`` as ``grad_accum`` consecutive micro-batches.
+
+        Each is loaded and encoded on its own (only one micro-batch of images or latents is built at a
+        time: that is what accumulation saves) and gets its own generator seeded as the step's, with
+        ``offset`` / ``global_size`` set so that its noise is its slice of the global draw.
+        """
+        size = micro_batch_size(self.global_batch, self.world, grad_accum)
+        start = self.rank * self.local
+        return [self._batch(step, start + j * size, size) for j in range(grad_accum)]
+
+    def _batch(self, step: int, offset: int, size: int) -> Batch:
+        """The slice ``[offset, offset + size)`` of the step's global batch."""
         gen = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, step, 1))
+        part = slice(offset, offset + size)
         images, cond = None, None
         if self.prompts is not None:
-            idx = self.indices(step, len(self.prompts))
+            idx = self.global_indices(step, len(self.prompts))[part]
             cond = self.teacher.encode_prompts([self.prompts[int(i)] for i in idx])
         if self.dataset is not None:
-            images, labels = self._load(self.indices(step, len(self.dataset)))
+            images, labels = self._load(self.global_indices(step, len(self.dataset))[part])
             images = images.to(self.device, torch.float32)
             if self.teacher is not None:
                 images = self.teacher.encode_images(images)
@@ -95,7 +118,6 @@ class BatchSource:
         elif self.num_classes and cond is None:
             # data-free methods on class-conditional teachers: uniform random labels (global draw, sliced)
             cpu = torch.Generator().manual_seed(mix_seed(self.seed, step, 2))
-            cond = torch.randint(self.num_classes, (self.global_batch,), generator=cpu)
-            cond = cond[self.rank * self.local:(self.rank + 1) * self.local].to(self.device)
-        return Batch(images=images, cond=cond_to(cond, self.device), generator=gen, size=self.local,
-                     rank=self.rank, world=self.world)
+            cond = torch.randint(self.num_classes, (self.global_batch,), generator=cpu)[part].to(self.device)
+        return Batch(images=images, cond=cond_to(cond, self.device), generator=gen, size=size, offset=offset,
+                     global_size=self.global_batch)
