@@ -3,7 +3,6 @@ training, resuming and loading a checkpoint for sampling."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -11,23 +10,11 @@ import torch
 from ..config import Config
 from ..errors import UserError
 from ..methods import Method, OptimConfig, get_method
+from ..paths import DEFAULT_TEACHER, REPO_ROOT, resolve_path  # noqa: F401  (re-exported)
 from ..schedules import timestep_levels
 from ..students import Student, build_student_net
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_TEACHER = "assets/teachers/digits"
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_path(path: str) -> str:
-    """A relative path that does not exist from the working directory is tried from the repository
-    root, so shipped assets (``assets/teachers/digits``) and configs work from any folder."""
-    p = Path(path)
-    if p.is_absolute() or p.exists() or not path:
-        return path
-    alt = REPO_ROOT / p
-    return str(alt) if alt.exists() else path
 
 
 def optim_config(cfg: Config) -> OptimConfig:

@@ -1,0 +1,79 @@
+"""Where the shipped teacher and configs live, for a source checkout, an editable install and a wheel.
+
+The repository keeps ``configs/`` and ``assets/`` at its top level; ``pyproject.toml`` maps them into the package
+at build time as ``diffdistill._configs`` and ``diffdistill._assets``, so a wheel carries them. :func:`resolve_path`
+turns the repository-relative names used everywhere (``configs/digits/dmd2.yaml``, ``assets/teachers/digits``)
+into real paths from any working directory. Light on purpose: no torch, nothing from ``diffdistill.training``.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path, PurePosixPath
+
+from .errors import UserError
+
+DEFAULT_TEACHER = "assets/teachers/digits"
+
+# the source checkout this module sits in (meaningful only when it holds pyproject.toml, i.e. not for a wheel)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# top-level repository folder -> the package it is installed as (see [tool.setuptools.package-dir])
+SHIPPED_PACKAGES = {"configs": "diffdistill._configs", "assets": "diffdistill._assets"}
+
+
+def _from_package(rel: PurePosixPath) -> Path | None:
+    """``rel`` (``configs/...`` or ``assets/...``) inside the installed package data, if it is there.
+
+    In a wheel install ``diffdistill._configs`` is a real folder of the package. In setuptools' editable install
+    it cannot be imported (its finder does not serve a namespace subpackage mapped outside the package folder),
+    so this returns None and :func:`resolve_path` falls back to the repository root, which is the checkout."""
+    package = SHIPPED_PACKAGES.get(rel.parts[0])
+    if package is None or len(rel.parts) < 2:
+        return None
+    try:
+        node = files(package)
+        for part in rel.parts[1:]:
+            node = node.joinpath(part)
+        candidate = Path(str(node))
+    except (ImportError, TypeError, ValueError, AttributeError, NotImplementedError):
+        return None
+    return candidate if candidate.exists() else None
+
+
+def _from_checkout(rel: PurePosixPath) -> Path | None:
+    """``rel`` under the repository root, when this module runs from a source checkout (or an editable install)."""
+    if not (REPO_ROOT / "pyproject.toml").is_file():
+        return None
+    candidate = REPO_ROOT / rel
+    return candidate if candidate.exists() else None
+
+
+def resolve_path(path: str) -> str:
+    """A path that exists from the working directory is returned as is. Otherwise a relative ``configs/...`` or
+    ``assets/...`` path is looked up in the installed package data, then in the repository root (a source checkout
+    run without installing); anything else, or a shipped name that is found nowhere, is returned unchanged."""
+    if not path:
+        return path
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return path
+    rel = PurePosixPath(p.as_posix())
+    if not rel.parts or rel.parts[0] not in SHIPPED_PACKAGES or ".." in rel.parts:
+        return path
+    found = _from_package(rel) or _from_checkout(rel)
+    return str(found) if found is not None else path
+
+
+def shipped_config(name: str) -> str:
+    """The path of a shipped config: ``shipped_config("digits/dmd2")`` (``.yaml`` optional, ``configs/`` too)."""
+    rel = name if name.startswith("configs/") else f"configs/{name}"
+    if not rel.endswith((".yaml", ".yml")):
+        rel += ".yaml"
+    found = resolve_path(rel)
+    if not Path(found).is_file():
+        raise UserError(f"no shipped config {name!r} (looked for {rel} in the installed package and the checkout)")
+    return found
+
+
+__all__ = ["DEFAULT_TEACHER", "REPO_ROOT", "SHIPPED_PACKAGES", "resolve_path", "shipped_config"]
