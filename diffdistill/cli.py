@@ -93,8 +93,8 @@ def cmd_sample(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_generator
 
-    path = export_generator(args.checkpoint, args.out)
-    print(f"exported to {path}")
+    path = export_generator(args.checkpoint, args.out, merge=args.merge, steps=args.steps)
+    print(f"exported to {path} (see {path / 'README.md'} for the diffusers code that samples it)")
     return 0
 
 
@@ -107,6 +107,13 @@ def cmd_quickstart(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="diffdistill", description="Diffusion step distillation")
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        ver = version("diffdistill")
+    except PackageNotFoundError:  # a source checkout on PYTHONPATH, not installed
+        from . import __version__ as ver
+    parser.add_argument("--version", action="version", version=f"diffdistill {ver}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     q = sub.add_parser("quickstart", help="distil the shipped digits teacher with DMD2 and report digits FID")
@@ -141,9 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
 
-    e = sub.add_parser("export", help="export a trained student as a diffusers folder")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--out", required=True)
+    e = sub.add_parser("export", help="export a trained student as a folder plain diffusers samples")
+    e.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or student artefact folder")
+    e.add_argument("--out", required=True, help="new (or empty) output folder")
+    e.add_argument("--merge", action="store_true", help="LoRA students: write full merged weights, not an adapter")
+    e.add_argument("--steps", type=int, default=None, help="export the student at this many steps (default: its own)")
     e.set_defaults(func=cmd_export)
     return parser
 

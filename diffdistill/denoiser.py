@@ -183,3 +183,23 @@ class EDMPrecond(Denoiser):
         c_in = 1 / (s**2 + sd**2).sqrt()
         c_noise = sigma.log() / 4
         return c_skip * x + c_out * self.net(c_in * x, c_noise, cond).float()
+
+    def spec(self) -> dict:
+        """JSON-able constructor description (the raw network must have ``spec()`` too)."""
+        inner = getattr(self.net, "spec", None)
+        if inner is None:
+            raise ValueError(f"the raw network {type(self.net).__name__} has no spec()")
+        return {"class": "EDMPrecond", "net": inner(), "sample_shape": list(self.sample_shape),
+                "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "sigma_data": self.sigma_data,
+                "num_classes": self.num_classes}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "EDMPrecond":
+        """Rebuild from :meth:`spec` (raw networks: ``toy.MLP``)."""
+        raw = spec["net"]
+        if raw.get("class") != "toy.MLP":
+            raise ValueError(f"unknown raw network {raw.get('class')!r}")
+        from .toy import MLP
+
+        return cls(MLP(**raw["config"]), spec["sample_shape"], spec["sigma_min"], spec["sigma_max"],
+                   spec["sigma_data"], spec.get("num_classes"))

@@ -1,37 +1,394 @@
-"""``diffdistill export``: a trained student as a diffusers folder.
+"""``diffdistill export``: a trained student as a folder that diffusers alone loads and samples.
 
-The folder is the teacher format (``UNet2DModel`` / ``UNet2DConditionModel`` weights and config,
-``scheduler_config.json``, ``diffdistill.json``) with the student's sampling levels recorded in
-``diffdistill.json`` under ``"student"``, so ``UNet2DModel.from_pretrained`` loads it and
-``diffdistill sample --checkpoint`` samples it as a denoiser.
+What is written, by student kind (the student comes from its artefact, :mod:`diffdistill.artefact`):
+
+- text-to-image (SD 1.5 / SDXL UNets): a whole pipeline folder (``model_index.json``, ``unet/``, ``vae/``,
+  text encoders, tokenizers, ``scheduler/``), so ``DiffusionPipeline.from_pretrained(dir)(prompt,
+  num_inference_steps=K, guidance_scale=0)`` gives the student's samples;
+- pixel UNets: ``unet/`` + ``scheduler/`` (+ ``vae/`` for latent class-conditional models) and, where
+  diffusers' ``DDPMPipeline`` samples it correctly or fails loudly, a ``model_index.json``;
+- LoRA students: ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(dir)`` accepts on the
+  teacher pipeline (text UNets), plus ``scheduler/`` and the artefact itself; ``--merge`` writes full
+  weights instead (the only way for pixel ``UNet2DModel``, which has no diffusers LoRA loader);
+- every export: ``diffdistill.json`` (levels, re-noising, wrapper: ``diffdistill sample --checkpoint DIR``
+  samples it in its own steps) and a model card ``README.md`` with the code that samples it.
+
+The scheduler is chosen so that its *plain* ``set_timesteps(K)`` gives the student's levels, and its
+``step`` does what the student does between them:
+
+- one step, or deterministic re-noising along the student's own prediction (``renoise: ddim``, TSCD/PCM):
+  ``DDIMScheduler`` with trailing spacing and ``set_alpha_to_one`` (``x' = x0 + s'(x - x0)/s`` in sigma
+  space, and the last step returns ``x0``), when the levels are teacher timesteps;
+- fresh noise between steps (DMD2, iCT): ``LCMScheduler`` with ``original_inference_steps = K`` (its
+  ``set_timesteps(K)`` is then DDIM's trailing grid) and a huge ``timestep_scaling``, which makes LCM's
+  boundary scalings ``c_skip = 0``, ``c_out = 1`` at every timestep >= 1, i.e. ``x' = sqrt(abar') x0 +
+  sqrt(1 - abar') n``;
+- levels that are not teacher timesteps (iCT's sigma 80, BOOT's sigma 1): one step, or deterministic steps
+  on a Karras grid, with ``EulerDiscreteScheduler(use_karras_sigmas=True, sigma_max, sigma_min)``, which
+  evaluates the UNet at the fractional timestep of each sigma exactly as the VP adapter does.
+
+After building it, the scheduler's own levels are compared with the student's; a mismatch is one clear
+line. Consistency-parameterised students (iCT/CD/TSCD with ``consistency_param``) output
+``f = c_skip x + c_out' D`` rather than ``D``: no diffusers scheduler applies those scalings, so they export
+only where ``f`` equals ``D`` to within 1e-3 at every level (one step from the top level: measured
+differences ~1e-5); otherwise one line says why.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
+import os
+import shutil
 from pathlib import Path
+from typing import Any, Optional
 
 from .errors import UserError
 
+MAX_CONSISTENCY_GAP = 1e-3  # |f - D| bound (images in [-1, 1]) below which a consistency student exports
+CARD = "README.md"
 
-def export_generator(checkpoint: str, out: str) -> Path:
-    """Export the student of ``checkpoint`` (run or checkpoint folder) to the new folder ``out``."""
-    from diffusers import DDPMScheduler
 
-    from .generator import load_generator
-    from .teachers import VPUNetDenoiser, save_teacher_folder
+# --------------------------------------------------------------------------------------------------
+# Schedulers
+def _scheduler_levels(sched: Any, steps: int) -> list[float]:
+    """Sigma-space levels a diffusers scheduler visits after ``set_timesteps(steps)``."""
+    sched.set_timesteps(steps)
+    if hasattr(sched, "sigmas") and type(sched).__name__.startswith("Euler"):
+        return [float(s) for s in sched.sigmas[:-1]]
+    abar = sched.alphas_cumprod.double()
+    return [float(((1 - abar[int(t)]) / abar[int(t)]).sqrt()) for t in sched.timesteps]
+
+
+def _close(a: list[float], b: list[float], rtol: float = 1e-4) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= rtol * max(abs(y), 1e-8) for x, y in zip(a, b))
+
+
+def student_scheduler(scheduler_config: dict, levels: list[float], renoise: str) -> Any:
+    """The diffusers scheduler whose ``set_timesteps(len(levels))`` + ``step`` loop is the student's sampler.
+
+    See the module docstring for the choice; raises :class:`UserError` when none reproduces the levels.
+    """
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler
+
+    base = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    base.update(clip_sample=False, thresholding=False, steps_offset=0)
+
+    def build(cls: Any, **extra: Any) -> Any:  # only the keys ``cls`` takes (no "ignored config" warnings)
+        accepted = inspect.signature(cls.__init__).parameters
+        return cls.from_config({k: v for k, v in {**base, **extra}.items() if k in accepted})
+
+    k = len(levels)
+    deterministic = k == 1 or renoise == "ddim"
+    if deterministic:
+        candidates = [build(DDIMScheduler, timestep_spacing="trailing", set_alpha_to_one=True),
+                      build(EulerDiscreteScheduler, timestep_spacing="trailing", use_karras_sigmas=True,
+                            sigma_max=levels[0], sigma_min=levels[-1])]
+    else:
+        candidates = [build(LCMScheduler, original_inference_steps=k, timestep_scaling=1e8, set_alpha_to_one=True)]
+    for sched in candidates:
+        try:
+            if _close(_scheduler_levels(sched, k), levels):
+                sched.set_timesteps(k)
+                return sched
+        except (ValueError, IndexError):
+            continue
+    kind = "deterministic (ddim)" if deterministic else "fresh-noise"
+    raise UserError(f"no diffusers scheduler reproduces this {k}-step {kind} student's levels "
+                    f"{[round(s, 4) for s in levels]}: trailing teacher timesteps (DDIM / LCM) or, for deterministic "
+                    "steps, a Karras grid (Euler) are expressible; export it with --steps 1, or train it on such levels")
+
+
+def _consistency_gap(wrapper: dict, levels: list[float], inner_sigma_data: float) -> float:
+    """Bound on ``|f - D|`` over the levels for ``f = c_skip x + c_out'(D - c_skip_edm x)`` with
+    ``|x| <= 5 s`` and ``|D| <= 1`` (see :func:`diffdistill.methods.consistency.consistency_from_denoised`)."""
+    gap = 0.0
+    sd, s_min = wrapper["sigma_data"], wrapper["sigma_min"]
+    for s in levels:
+        c_skip = 1 / (((s - s_min) / sd) ** 2 + 1)
+        c_out = (s - s_min) / s
+        c_skip_edm = inner_sigma_data**2 / (s**2 + inner_sigma_data**2)
+        gap = max(gap, abs(c_skip - c_out * c_skip_edm) * 5 * s + abs(1 - c_out))
+    return gap
+
+
+# --------------------------------------------------------------------------------------------------
+# The model card
+def _known_fid(source: Path, method: str, steps: int) -> Optional[float]:
+    """A student FID measured by ``diffdistill quickstart`` next to the run (``report.json``), if any."""
+    for folder in [source, *source.parents][:5]:
+        report = folder / "report.json"
+        if report.is_file():
+            try:
+                rows = json.loads(report.read_text()).get("rows", [])
+            except (OSError, json.JSONDecodeError):
+                return None
+            for r in rows:
+                if r.get("model") == "student" and r.get("method") == method and r.get("steps") == steps:
+                    return float(r["fid"])
+    return None
+
+
+def _card(facts: dict, code: str) -> str:
+    fid = facts.get("fid")
+    lines = ["---", "library_name: diffusers", "tags: [diffdistill, distillation]", "---", "",
+             f"# {facts['method']} student of `{facts['teacher']}`", "",
+             f"Exported by diffdistill from `{facts['source']}` (step {facts.get('step')}).", "",
+             "| | |", "|---|---|",
+             f"| method | {facts['method']} |", f"| teacher | `{facts['teacher']}` |",
+             f"| steps (network evaluations) | {facts['steps']} |",
+             f"| noise levels (sigma) | {', '.join(f'{s:.4g}' for s in facts['levels'])} |",
+             f"| timesteps | {facts['timesteps']} |",
+             f"| scheduler | `{facts['scheduler']}` |",
+             f"| conditioning | {facts['conditioning']} |",
+             f"| measured FID | {('%.3f (%s)' % (fid, facts.get('fid_source'))) if fid is not None else 'not measured'} |",
+             f"| match to diffdistill's sampler | {facts['tolerance']} |", "",
+             "## Sample with plain diffusers", "", "```python", code.strip(), "```", ""]
+    if facts.get("notes"):
+        lines += ["## Notes", "", *[f"- {n}" for n in facts["notes"]], ""]
+    lines += ["`diffdistill sample --checkpoint THIS_FOLDER --num-samples 16 --out samples/` samples it too, "
+              "in the same steps.", ""]
+    return "\n".join(lines)
+
+
+def _pixel_code(sched_name: str, k: int, shape: tuple, num_classes: Optional[int], latent: bool) -> str:
+    c, h, w = shape
+    labels = ""
+    call = "unet(scheduler.scale_model_input(x, t), t).sample"
+    if num_classes:
+        labels = (f"labels = torch.arange(16) % {num_classes}  # classes 0..{num_classes - 1}; "
+                  f"label {num_classes} is the null (unconditional) class\n")
+        call = "unet(scheduler.scale_model_input(x, t), t, class_labels=labels).sample"
+    decode = "images = (x.clamp(-1, 1) + 1) / 2  # [16, C, H, W] in [0, 1]"
+    vae = ""
+    if latent:
+        vae = 'vae = AutoencoderKL.from_pretrained(DIR, subfolder="vae")\n'
+        decode = ("images = (vae.decode(x / vae.config.scaling_factor).sample.clamp(-1, 1) + 1) / 2")
+    return f"""import torch
+from diffusers import {"AutoencoderKL, " if latent else ""}UNet2DModel, {sched_name}
+
+DIR = "path/to/this/folder"
+unet = UNet2DModel.from_pretrained(DIR, subfolder="unet")
+{vae}scheduler = {sched_name}.from_pretrained(DIR, subfolder="scheduler")
+scheduler.set_timesteps({k})  # the student's own {k} step(s)
+generator = torch.Generator().manual_seed(0)
+x = torch.randn((16, {c}, {h}, {w}), generator=generator) * scheduler.init_noise_sigma
+{labels}with torch.no_grad():
+    for t in scheduler.timesteps:
+        out = {call}
+        x = scheduler.step(out, t, x, generator=generator).prev_sample
+    {decode}
+"""
+
+
+def _text_code(k: int, lora: bool, teacher: str, sched_name: str) -> str:
+    if lora:
+        return f"""import torch
+from diffusers import DiffusionPipeline, {sched_name}
+
+pipe = DiffusionPipeline.from_pretrained("{teacher}")  # the teacher pipeline
+pipe.load_lora_weights("path/to/this/folder")
+pipe.scheduler = {sched_name}.from_pretrained("path/to/this/folder", subfolder="scheduler")
+image = pipe("a photo of a cat", num_inference_steps={k}, guidance_scale=0).images[0]
+"""
+    return f"""import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")
+image = pipe("a photo of a cat", num_inference_steps={k}, guidance_scale=0).images[0]  # guidance is distilled in
+"""
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+def export_generator(checkpoint: str, out: str, merge: bool = False, steps: Optional[int] = None) -> Path:
+    """Export the student of ``checkpoint`` (a run, checkpoint or artefact folder) to the new folder ``out``.
+
+    ``steps``: export the student sampled in that many steps (default: its own); ``merge``: LoRA students
+    as full weights. Nothing is written unless the whole export succeeds (temporary folder, then rename).
+    """
+    from .artefact import _wrapper_of, find_artefact, load_artefact
+    from .paths import resolve_path
+    from .teachers.vp import VPUNetDenoiser
 
     dest = Path(out)
-    if dest.exists() and any(dest.iterdir()):
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UserError(f"{dest} exists and is not empty; choose a new folder")
-    gen = load_generator(checkpoint, device="cpu")
-    net = gen.denoiser
-    if not isinstance(net, VPUNetDenoiser):
-        raise UserError(f"only diffusers-UNet students can be exported; this one is a {type(net).__name__}")
-    unet = net.unet
-    if hasattr(unet, "peft_config") or any("lora_" in n for n, _ in unet.named_parameters()):
-        raise UserError("LoRA students: merge the adapter first (export of unmerged LoRA is not supported yet)")
-    meta = {"num_classes": net.num_classes, "sigma_data": net.sigma_data}
-    if not gen.is_teacher:
-        meta["student"] = {"levels": gen.model.levels, "renoise": gen.model.renoise}
-    save_teacher_folder(unet, DDPMScheduler.from_config(net.scheduler_config), dest, meta)
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+    source = Path(resolve_path(str(checkpoint)))
+    folder = find_artefact(source)
+    if folder is None:
+        raise UserError(f"{checkpoint} holds no student artefact (expected a run folder, a checkpoint folder with "
+                        "student/student.json, or an artefact folder); teachers are exported by training")
+    art = load_artefact(folder, "cpu")
+    spec = art.spec
+    if spec.get("router"):
+        raise UserError("this artefact routes between several students; export one member at a time is not "
+                        "supported yet (sample it with diffdistill sample)")
+    if spec["kind"] != "student":
+        return _export_denoiser(art, dest, str(checkpoint))
+    student = art.model
+    wrapper, bare = _wrapper_of(student)
+    if not isinstance(bare, VPUNetDenoiser):
+        raise UserError(f"only diffusers-UNet students can be exported; this one is a {type(bare).__name__}")
+    levels = student.levels_for(steps) if steps is not None else list(student.levels)
+    k = len(levels)
+    member = spec["members"][0]
+    w = member.get("wrapper") or {"type": "plain"}
+    notes = []
+    tolerance = "1e-4 (the same maths; float32 rounding only)"
+    if w["type"] == "consistency":
+        gap = _consistency_gap(w, levels, bare.sigma_data)
+        if gap > MAX_CONSISTENCY_GAP:
+            raise UserError(f"a {k}-step consistency-parameterised student cannot be exported: at its levels "
+                            f"{[round(s, 4) for s in levels]} the boundary scalings make f differ from the network's "
+                            f"x0 by up to {gap:.2g} and no diffusers scheduler applies them; export it with --steps 1 "
+                            "or train with consistency_param: false")
+        tolerance = f"{max(gap, 1e-4):.1g} (consistency scalings at these levels are the identity to {gap:.1g})"
+        notes.append("consistency-parameterised: the scheduler applies the network's x0 directly, which equals the "
+                     f"consistency function at these levels to within {gap:.1g}")
+    renoise = student.renoise if w["type"] != "boot" else "fresh"
+    sched = student_scheduler(bare.scheduler_config, levels, renoise)
+    sched_name = type(sched).__name__
+    lora = bool(member.get("lora"))
+    text = bool(getattr(bare, "is_text", False))
+    latent = art.components is not None and art.components.vae is not None
+    if lora and not text and not merge:
+        raise UserError("diffusers has no LoRA loader for a pixel UNet2DModel: export this LoRA student with --merge "
+                        "(full weights)")
+    unet = bare.unet
+    if lora and merge:
+        from .students import merge_lora
+
+        unet = merge_lora(bare).unet
+    timesteps = [round(float(t), 3) for t in sched.timesteps]
+    shape = bare.sample_shape if not latent else art.components.image_shape
+    facts = {"method": spec.get("method", "?"), "teacher": spec.get("teacher"), "source": str(checkpoint),
+             "step": spec.get("step"), "steps": k, "levels": levels, "timesteps": timesteps,
+             "scheduler": sched_name, "tolerance": tolerance, "notes": notes,
+             "conditioning": "text prompts" if text else (f"class labels 0..{bare.num_classes - 1} (null label "
+                                                         f"{bare.num_classes})" if bare.num_classes else "none")}
+    fid = _known_fid(source, facts["method"], k)
+    if fid is not None:
+        facts.update(fid=fid, fid_source="diffdistill quickstart report.json")
+    meta = {"num_classes": bare.num_classes, "sigma_data": bare.sigma_data, "exported_by": "diffdistill export",
+            "method": facts["method"], "teacher": facts["teacher"],
+            "student": {"levels": levels, "renoise": renoise, "wrapper": {"type": "plain"}, "steps": k,
+                        "scheduler": sched_name, "lora": lora and not merge}}
+
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if text and lora and not merge:
+            _write_lora(tmp, bare, art, sched)
+            code = _text_code(k, True, facts["teacher"], sched_name)
+            shutil.copytree(folder, tmp / "student")  # the artefact: diffdistill samples the export from it
+        elif text:
+            _write_text_pipeline(tmp, unet, art, sched)
+            code = _text_code(k, False, facts["teacher"], sched_name)
+        else:
+            unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
+            sched.save_pretrained(str(tmp / "scheduler"))
+            if latent:
+                art.components.vae.save_pretrained(str(tmp / "vae"), safe_serialization=True)
+            elif bare.num_classes or sched_name != "EulerDiscreteScheduler":
+                # DDPMPipeline runs LCM/DDIM exports as they are; for class-conditional UNets it loads the
+                # parts and refuses to sample without labels (use the loop in the card)
+                _write_index(tmp, {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+                                   "scheduler": ["diffusers", sched_name]})
+            code = _pixel_code(sched_name, k, tuple(shape), bare.num_classes, latent)
+            if bare.num_classes:
+                notes.append("class-conditional: DiffusionPipeline.from_pretrained loads unet and scheduler, "
+                             "but DDPMPipeline cannot pass class labels; sample with the loop above")
+        (tmp / "diffdistill.json").write_text(json.dumps(meta, indent=2))
+        (tmp / CARD).write_text(_card(facts, code))
+        if dest.exists():
+            dest.rmdir()
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return dest
+
+
+def _export_denoiser(art: Any, dest: Path, source: str) -> Path:
+    """A teacher run's network (sampled with an ODE solver): ``unet/`` + its DDPM ``scheduler/`` as a
+    ``DDPMPipeline`` folder, plus ``diffdistill.json`` and a card (40-step DDIM with trailing spacing)."""
+
+    from .teachers.vp import VPUNetDenoiser, ddpm_from_config
+
+    net = art.model
+    if not isinstance(net, VPUNetDenoiser):
+        raise UserError(f"only diffusers-UNet networks can be exported; this one is a {type(net).__name__}")
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        net.unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
+        ddpm_from_config(net.scheduler_config).save_pretrained(str(tmp / "scheduler"))
+        _write_index(tmp, {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+                           "scheduler": ["diffusers", "DDPMScheduler"]})
+        (tmp / "diffdistill.json").write_text(json.dumps({"num_classes": net.num_classes, "sigma_data": net.sigma_data,
+                                                          "exported_by": "diffdistill export"}, indent=2))
+        code = _pixel_code("DDIMScheduler", 40, tuple(net.sample_shape), net.num_classes, False).replace(
+            'DDIMScheduler.from_pretrained(DIR, subfolder="scheduler")',
+            'DDIMScheduler.from_pretrained(DIR, subfolder="scheduler", timestep_spacing="trailing")')
+        facts = {"method": art.spec.get("method", "dsm"), "teacher": "(trained from data)", "source": source,
+                 "step": art.spec.get("step"), "steps": 40, "levels": [], "timesteps": "any (a diffusion model)",
+                 "scheduler": "DDPMScheduler (any DDPM-compatible solver)", "tolerance": "n/a",
+                 "conditioning": f"class labels 0..{net.num_classes - 1}" if net.num_classes else "none"}
+        (tmp / CARD).write_text(_card(facts, code))
+        if dest.exists():
+            dest.rmdir()
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _write_index(folder: Path, index: dict) -> None:
+    import diffusers
+
+    (folder / "model_index.json").write_text(json.dumps({**index, "_diffusers_version": diffusers.__version__},
+                                                        indent=2))
+
+
+def _text_pipeline(unet: Any, art: Any, sched: Any):
+    comps = art.components
+    if comps is None or not comps.text_encoders:
+        raise UserError("a text student needs its teacher's text encoders and VAE to export a pipeline")
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if len(comps.text_encoders) == 2:
+        return StableDiffusionXLPipeline(vae=comps.vae, text_encoder=comps.text_encoders[0],
+                                         text_encoder_2=comps.text_encoders[1], tokenizer=comps.tokenizers[0],
+                                         tokenizer_2=comps.tokenizers[1], unet=unet, scheduler=sched,
+                                         force_zeros_for_empty_prompt=True)
+    return StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoders[0], tokenizer=comps.tokenizers[0],
+                                   unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def _write_text_pipeline(folder: Path, unet: Any, art: Any, sched: Any) -> None:
+    _text_pipeline(unet, art, sched).save_pretrained(str(folder), safe_serialization=True)
+
+
+def _write_lora(folder: Path, bare: Any, art: Any, sched: Any) -> None:
+    """The adapter in diffusers' LoRA format (``unet.<module>.lora_A.weight`` ...) with its peft config."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    state = {k.replace(".default", ""): v.detach().cpu().contiguous()
+             for k, v in bare.unet.state_dict().items() if "lora_" in k}
+    cfg = bare.lora_config
+    targets = sorted({k.split(".lora_")[0] for k in state})
+    metadata = {"r": cfg["rank"], "lora_alpha": cfg["alpha"], "target_modules": targets}
+    cls = StableDiffusionXLPipeline if len(art.components.text_encoders or []) == 2 else StableDiffusionPipeline
+    cls.save_lora_weights(str(folder), unet_lora_layers=state, unet_lora_adapter_metadata=metadata,
+                          safe_serialization=True)
+    sched.save_pretrained(str(folder / "scheduler"))
+
+
+__all__ = ["export_generator", "student_scheduler"]

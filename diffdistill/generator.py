@@ -16,8 +16,7 @@ from .denoiser import CFGDenoiser, Denoiser, module_device
 from .errors import UserError
 from .samplers import SAMPLERS
 from .schedules import karras_sigmas
-from .students import Student
-from .training.batches import mix_seed
+from .seeding import mix_seed
 
 TEACHER_DEFAULT_STEPS = 40
 
@@ -26,19 +25,20 @@ class Generator:
     """Samples images (in [-1, 1]) from a student or a teacher.
 
     Args:
-        model: a :class:`Student` (sampled in its own few steps) or a :class:`Denoiser` (teacher,
-            integrated with ``sampler`` over a Karras grid).
+        model: a :class:`~diffdistill.students.Student` or :class:`~diffdistill.students.RoutedStudent`
+            (sampled in its own few steps) or a :class:`Denoiser` (teacher, integrated with ``sampler``
+            over a Karras grid).
         decode: latents -> images for latent models (identity when ``None``).
         encode_prompts: prompts -> text condition, for text-conditional models.
         guidance_scale: classifier-free guidance for teachers (students have it distilled in).
         sampler: ``heun`` (EDM, NFE = 2 steps - 1), ``euler`` or ``ddim`` (NFE = steps) for teachers.
     """
 
-    def __init__(self, model: Student | Denoiser, decode: Optional[Callable[[Tensor], Tensor]] = None,
+    def __init__(self, model: Any, decode: Optional[Callable[[Tensor], Tensor]] = None,
                  encode_prompts: Optional[Callable[[list[str]], Any]] = None, guidance_scale: float = 1.0,
                  sampler: str = "heun") -> None:
         self.model = model
-        self.is_teacher = not isinstance(model, Student)
+        self.is_teacher = isinstance(model, Denoiser)
         self.denoiser: Denoiser = model if self.is_teacher else model.net
         self.decode = decode
         self.encode_prompts = encode_prompts
@@ -121,7 +121,10 @@ class Generator:
             if prompts is not None:
                 cond = self.encode_prompts([prompts[(offset + start + i) % len(prompts)] for i in range(n)])
             gen = torch.Generator(device=self.device).manual_seed(mix_seed(seed, offset + start, 7))
-            x = self._generate(z, cond, steps, gen)
+            try:
+                x = self._generate(z, cond, steps, gen)
+            except ValueError as e:  # e.g. a routed student asked for a label no member serves
+                raise UserError(str(e)) from None
             if self.decode is not None:
                 x = self.decode(x)
             out.append(x.float().clamp(-1, 1).cpu())
@@ -151,31 +154,48 @@ def _prompt_encoder(teacher: Any) -> Optional[Callable[[list[str]], Any]]:
 
 def load_generator(path: str | Path, device: Optional[str] = None, guidance_scale: Optional[float] = None,
                    sampler: str = "heun") -> Generator:
-    """A generator from a run folder (latest checkpoint), a checkpoint folder, or a teacher folder.
+    """A generator from a run folder (latest checkpoint), a checkpoint folder, a student artefact folder,
+    a folder written by ``diffdistill export``, or a teacher folder.
 
-    Students are rebuilt from the checkpoint's resolved config and loaded strictly; EMA weights are used
-    when the run kept an EMA.
+    Students are built from their self-describing artefact alone (:mod:`diffdistill.artefact`): no
+    training method, fake score, GAN head or optimizer state. An exported student is sampled in its own
+    recorded levels; a teacher with ``sampler`` (its ``guidance_scale``, default 1).
     """
-    from .config import load_config
-    from .training.build import build_method, resolve_path
-    from .training.checkpoints import latest_checkpoint, resolve_checkpoint
-    from .training.loop import restore
+    from .artefact import find_artefact, load_artefact
+    from .checkpoint_io import latest_checkpoint
+    from .paths import resolve_path
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     p = Path(resolve_path(str(path)))
+    folder = find_artefact(p)
+    if folder is not None:
+        art = load_artefact(folder, device)
+        w = art.spec.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+        return Generator(art.model, _decoder(art.components), _prompt_encoder(art.components), w, sampler)
     if (p / "meta.json").is_file() or latest_checkpoint(p) is not None:
-        ckpt = resolve_checkpoint(p)
-        cfg = load_config(ckpt / "config.yaml")
-        method, teacher = build_method(cfg, device)
-        restore(ckpt, method, optimizers=False)
-        w = cfg.teacher.guidance_scale if guidance_scale is None else guidance_scale
-        gen = Generator.from_method(method, teacher, guidance_scale=w)
-        gen.sampler = sampler
-        return gen
+        raise UserError(f"{p} holds a checkpoint without a student artefact (student/student.json): it was written "
+                        "by an older diffdistill; resume the run for one more checkpoint to write one")
     from .teachers import load_teacher
 
     teacher = load_teacher(str(p), device=device)
+    student = exported_student(teacher)
+    if student is not None:
+        return Generator(student, _decoder(teacher), _prompt_encoder(teacher), 1.0 if guidance_scale is None
+                         else guidance_scale, sampler)
     return Generator.from_teacher(teacher, 1.0 if guidance_scale is None else guidance_scale, sampler)
+
+
+def exported_student(teacher: Any) -> Optional[Any]:
+    """The student recorded in an exported folder's ``diffdistill.json`` (``"student"``: levels, re-noising,
+    wrapper) around the folder's network, or ``None`` for a plain teacher folder."""
+    info = (teacher.meta or {}).get("student")
+    if not info:
+        return None
+    from .artefact import wrap_member
+
+    entry = {"levels": info["levels"], "renoise": info.get("renoise", "fresh"),
+             "wrapper": info.get("wrapper") or {"type": "plain"}}
+    return wrap_member(entry, teacher.denoiser)
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: Optional[int] = None) -> None:

@@ -15,6 +15,7 @@ own trajectory ``x = x0 + s_{i+1} (x - x0) / s_i`` (Hyper-SD / PCM sampling alon
 from __future__ import annotations
 
 import copy
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -23,7 +24,11 @@ from torch import Tensor, nn
 from .denoiser import Cond, Denoiser
 from .schedules import timestep_levels
 
-DEFAULT_LORA_TARGETS = r".*(to_q|to_k|to_v|to_out\.0|conv1|conv2|proj_in|proj_out|query|key|value|proj_attn|net\.\d+)$"
+# Attention projections, ResNet convs, transformer in/out projections, the feed-forward's Linear layers
+# (``ff.net.0.proj`` inside GEGLU, ``ff.net.2``) and the toy MLP's Linears (``net.N``). Only Linear /
+# Conv2d modules are adapted: GEGLU and Dropout (``ff.net.0``, ``ff.net.1``) also match ``net\.\d+`` but
+# are filtered out by type, since peft refuses them.
+DEFAULT_LORA_TARGETS = r".*(to_q|to_k|to_v|to_out\.0|conv1|conv2|proj_in|proj_out|query|key|value|proj_attn|net\.0\.proj|net\.\d+)$"
 
 
 class Student(nn.Module):
@@ -80,6 +85,96 @@ class Student(nn.Module):
         return x0
 
 
+class RoutedStudent(nn.Module):
+    """Several students and a router over class labels (multi-student distillation).
+
+    Sample ``i`` goes to the member whose group holds its label; a mixed batch is split across members and
+    put back in order, so every sample still costs one member's evaluations.
+
+    Args:
+        members: the students; all share the sample shape and the levels.
+        groups: ``groups[k]`` lists the class labels member ``k`` serves; disjoint.
+    """
+
+    def __init__(self, members: Sequence[Student], groups: Sequence[Sequence[int]]) -> None:
+        super().__init__()
+        if len(members) != len(groups) or not members:
+            raise ValueError(f"{len(members)} members need as many label groups, got {len(groups)}")
+        self.members = nn.ModuleList(members)
+        self.groups = [[int(c) for c in g] for g in groups]
+        flat = [c for g in self.groups for c in g]
+        if len(flat) != len(set(flat)) or min(flat, default=0) < 0:
+            raise ValueError(f"label groups must be disjoint non-negative labels, got {self.groups}")
+        table = torch.full((max(flat, default=-1) + 1,), -1, dtype=torch.long)
+        for k, g in enumerate(self.groups):
+            table[g] = k
+        self.register_buffer("table", table, persistent=False)
+
+    @property
+    def net(self) -> Denoiser:
+        """The first member's denoiser (sample shape, class count and device of the whole set)."""
+        return self.members[0].net
+
+    @property
+    def levels(self) -> list[float]:
+        return self.members[0].levels
+
+    @property
+    def renoise(self) -> str:
+        return self.members[0].renoise
+
+    @property
+    def steps(self) -> int:
+        return self.members[0].steps
+
+    def levels_for(self, steps: Optional[int] = None) -> list[float]:
+        return self.members[0].levels_for(steps)
+
+    def route(self, labels: Tensor) -> Tensor:
+        """The member index of each label; a label in no group is a ``ValueError`` naming it."""
+        labels = labels.long()
+        bad = labels[(labels < 0) | (labels >= len(self.table))]
+        member = self.table.to(labels.device)[labels.clamp(0, len(self.table) - 1)]
+        bad = torch.cat([bad, labels[member < 0]])
+        if len(bad):
+            raise ValueError(f"class label {int(bad[0])} belongs to no student's group {self.groups}")
+        return member
+
+    def forward(self, z: Tensor, cond: Cond = None, steps: Optional[int] = None,
+                generator: Optional[torch.Generator] = None) -> Tensor:
+        if not isinstance(cond, Tensor):
+            raise ValueError("a routed student needs class labels to pick a member for each sample")
+        member = self.route(cond)
+        out = torch.empty(z.shape, dtype=torch.float32, device=z.device)
+        for k, student in enumerate(self.members):
+            idx = (member == k).nonzero().squeeze(1)
+            if len(idx):
+                out[idx] = student(z[idx], cond[idx], steps=steps, generator=generator).float()
+        return out
+
+
+def lora_parameters_state(net: nn.Module) -> dict[str, Tensor]:
+    """The LoRA adapter's tensors of ``net`` (state-dict entries whose name holds ``lora_``)."""
+    return {k: v for k, v in net.state_dict().items() if "lora_" in k}
+
+
+def merge_lora(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` with every LoRA adapter merged into its base layer and the peft wrappers removed
+    (plain diffusers modules again, e.g. for ``save_pretrained``)."""
+    from peft.tuners.lora import LoraLayer
+
+    net = copy.deepcopy(net)
+    for name, module in list(net.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent = net.get_submodule(name.rsplit(".", 1)[0]) if "." in name else net
+            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+    for attr in ("lora_config", "peft_config"):
+        if hasattr(net, attr):
+            delattr(net, attr)
+    return net
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """Set ``requires_grad=False`` on every parameter and return the module in eval mode."""
     for p in module.parameters():
@@ -93,13 +188,20 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 def add_lora(net: nn.Module, rank: int = 64, alpha: Optional[float] = None,
              target_modules: str = DEFAULT_LORA_TARGETS) -> nn.Module:
-    """Inject LoRA adapters (peft) into ``net``'s matching Linear/Conv2d layers; freeze everything else."""
+    """Inject LoRA adapters (peft) into ``net``'s Linear/Conv2d layers whose full name matches the regular
+    expression ``target_modules``; freeze everything else. ``alpha`` defaults to ``rank`` (scale 1)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     freeze(net)
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
-                        target_modules=target_modules, init_lora_weights="gaussian")
+    alpha = float(alpha if alpha is not None else rank)
+    # only Linear / Conv2d layers: a pattern that also names a Dropout or GEGLU module would make peft refuse
+    names = [n for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and re.fullmatch(target_modules, n)]
+    if not names:
+        raise ValueError(f"LoRA matched no Linear/Conv2d layer of {type(net).__name__} with target_modules={target_modules!r}")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, init_lora_weights="gaussian")
     inject_adapter_in_model(config, net)
+    # recorded so the student artefact can rebuild the same adapter on the teacher's weights
+    net.lora_config = {"rank": int(rank), "alpha": alpha, "target_modules": target_modules}
     n = 0
     for name, p in net.named_parameters():
         if "lora_" in name:

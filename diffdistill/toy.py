@@ -100,6 +100,8 @@ class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int = 128, depth: int = 3, emb: int = 32,
                  num_classes: Optional[int] = None, dropout: float = 0.0) -> None:
         super().__init__()
+        self.config = {"dim": dim, "hidden": hidden, "depth": depth, "emb": emb, "num_classes": num_classes,
+                       "dropout": dropout}
         self.emb = emb
         self.label = nn.Embedding(num_classes + 1, emb) if num_classes else None
         layers: list[nn.Module] = [nn.Linear(dim + emb, hidden), nn.SiLU()]
@@ -107,6 +109,10 @@ class MLP(nn.Module):
             layers += [nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.SiLU()]
         layers.append(nn.Linear(hidden, dim))
         self.net = nn.Sequential(*layers)
+
+    def spec(self) -> dict:
+        """Constructor description for student artefacts."""
+        return {"class": "toy.MLP", "config": dict(self.config)}
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Cond = None) -> Tensor:
         half = self.emb // 2

@@ -56,12 +56,12 @@ def test_corrupt_safetensors_exits_2_and_changes_nothing(tmp_path, capsys, tiny_
 
     run = tmp_path / "run"
     shutil.copytree(tiny_teacher_run, run)
-    bad = run / "checkpoints" / "step-0000040" / "student.safetensors"
+    bad = run / "checkpoints" / "step-0000040" / "student" / "denoiser.safetensors"  # the artefact sampling reads
     bad.write_bytes(bad.read_bytes()[:100])
     before = _snapshot(run)
     assert main(["sample", "--checkpoint", str(run), "--num-samples", "2", "--out", str(tmp_path / "o")]) == 2
     err = _one_line_error(capsys)
-    assert "corrupt safetensors file" in err and "student.safetensors" in err
+    assert "corrupt safetensors file" in err and "denoiser.safetensors" in err
     assert _snapshot(run) == before
 
 
@@ -82,7 +82,8 @@ def test_export_writes_a_diffusers_folder_that_samples_the_same(tmp_path, capsys
 
     out = tmp_path / "exported"
     assert main(["export", "--checkpoint", str(tiny_teacher_run), "--out", str(out)]) == 0
-    assert UNet2DModel.from_pretrained(out).config.num_class_embeds == 11
+    assert UNet2DModel.from_pretrained(out, subfolder="unet").config.num_class_embeds == 11
+    assert "DDIMScheduler" in (out / "README.md").read_text()
     a = load_generator(out, device="cpu").sample(3, steps=2, seed=4)
     b = load_generator(tiny_teacher_run, device="cpu").sample(3, steps=2, seed=4)
     assert torch.allclose(a, b, atol=1e-5)

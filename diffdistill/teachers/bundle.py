@@ -18,6 +18,7 @@ class Teacher:
 
     Attributes:
         denoiser: the unguided sigma-space adapter (frozen, eval); wrap with ``CFGDenoiser`` for guidance.
+            ``None`` when loaded with ``with_unet=False`` (components only, for a student's artefact).
         kind: ``"unet"`` (pixel or class-conditional latent UNet), ``"sd"`` (SD 1.5-style text-to-image) or
             ``"sdxl"``.
         path: where it was loaded from.
@@ -29,7 +30,7 @@ class Teacher:
         meta: the folder's ``diffdistill.json`` (empty when absent).
     """
 
-    denoiser: Denoiser
+    denoiser: Optional[Denoiser]
     kind: str
     path: str
     vae: Optional[nn.Module] = None
@@ -40,10 +41,12 @@ class Teacher:
     num_classes: Optional[int] = None
     image_shape: tuple = ()
     meta: dict = field(default_factory=dict)
+    null_text: Optional[TextCond] = None  # the empty prompt's encoding (SDXL: zeros), text teachers only
 
     @property
     def device(self) -> torch.device:
-        return module_device(self.denoiser)
+        modules = [m for m in (self.denoiser, self.vae, *(self.text_encoders or [])) if m is not None]
+        return module_device(modules[0]) if modules else torch.device("cpu")
 
     @property
     def latent(self) -> bool:

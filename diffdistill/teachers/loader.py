@@ -123,8 +123,11 @@ def _scheduler_config(path: Path) -> dict:
 
 
 def resolve_teacher_path(path: str | os.PathLike) -> Path:
-    """A local folder for ``path``: the folder itself, or a Hub id's downloaded snapshot."""
-    p = Path(path).expanduser()
+    """A local folder for ``path``: the folder itself (shipped ``assets/...`` found from any folder), or a Hub
+    id's downloaded snapshot."""
+    from ..paths import resolve_path
+
+    p = Path(resolve_path(str(path))).expanduser()
     if p.exists():
         if not p.is_dir():
             raise UserError(f"teacher path {p} is a file; expected a folder (a diffusers pipeline or UNet folder, "
@@ -152,20 +155,22 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def load_teacher(path: str | os.PathLike, device: torch.device | str = "cpu",
-                 dtype: torch.dtype | str = torch.float32) -> Teacher:
+                 dtype: torch.dtype | str = torch.float32, with_unet: bool = True) -> Teacher:
     """Load a frozen teacher from any supported layout (see the module docstring) onto ``device``.
 
     ``dtype`` is the weights dtype of the UNet and text encoders (the VAE stays float32 when its config
-    asks for ``force_upcast``, as SDXL's does).
+    asks for ``force_upcast``, as SDXL's does). ``with_unet=False`` loads only what a student needs around
+    its own network — VAE, text encoders, tokenizers, the empty-prompt encoding (``Teacher.null_text``) —
+    and leaves ``denoiser`` ``None`` (pixel teachers then carry nothing but their metadata).
     """
     dtype = _as_dtype(dtype)
     root = resolve_teacher_path(path)
     if (root / "teacher").is_dir() and not (root / "config.json").is_file() and not (root / "unet").is_dir():
         root = root / "teacher"  # (d) a run folder of `diffdistill teacher train`
     if (root / "unet").is_dir() or (root / "model_index.json").is_file():
-        teacher = _load_pipeline_folder(root, dtype)
+        teacher = _load_pipeline_folder(root, dtype, with_unet)
     elif (root / "config.json").is_file():
-        teacher = _load_unet_folder(root, dtype)
+        teacher = _load_unet_folder(root, dtype, with_unet)
     elif (root / "transformer").is_dir():
         raise UserError(f"teacher folder {root} has a transformer/ but no unet/config.json: load_teacher reads UNet "
                         "teachers; wrap other networks in Python (diffdistill.teachers.FlowMatchingDenoiser)")
@@ -173,19 +178,20 @@ def load_teacher(path: str | os.PathLike, device: torch.device | str = "cpu",
         raise UserError(f"teacher folder {root} has no unet/config.json (expected a diffusers pipeline folder with "
                         "model_index.json and unet/, a UNet folder with config.json, or a run folder with teacher/)")
     teacher.path = str(path)
-    freeze(teacher.denoiser)
-    for module in [teacher.vae, *(teacher.text_encoders or [])]:
+    for module in [teacher.denoiser, teacher.vae, *(teacher.text_encoders or [])]:
         if module is not None:
             freeze(module)
     return teacher.to(device)
 
 
-def _load_unet_folder(root: Path, dtype: torch.dtype) -> Teacher:
+def _load_unet_folder(root: Path, dtype: torch.dtype, with_unet: bool = True) -> Teacher:
     """Layout (a): ``config.json`` + weights + ``scheduler_config.json`` (+ ``diffdistill.json``)."""
     unet_cls = _unet_class(root / "config.json")
-    variant = _weights(root, "", "diffusion_pytorch_model", "the UNet weights saved by save_pretrained")
     sched = _scheduler_config(_require(root, "scheduler_config.json", "the DDPMScheduler config saved next to the UNet"))
     meta = _read_json(root / META_FILE) if (root / META_FILE).is_file() else {}
+    if not with_unet:
+        return Teacher(denoiser=None, kind="unet", path=str(root), num_classes=meta.get("num_classes"), meta=meta)
+    variant = _weights(root, "", "diffusion_pytorch_model", "the UNet weights saved by save_pretrained")
     unet = _load(unet_cls, root, "", variant, dtype)
     return _pixel_teacher(unet, sched, meta, root)
 
@@ -199,7 +205,7 @@ def _pixel_teacher(unet: Any, sched: dict, meta: dict, root: Path) -> Teacher:
                    image_shape=denoiser.sample_shape, meta=meta)
 
 
-def _load_pipeline_folder(root: Path, dtype: torch.dtype) -> Teacher:
+def _load_pipeline_folder(root: Path, dtype: torch.dtype, with_unet: bool = True) -> Teacher:
     """Layouts (b) and (c): a diffusers pipeline folder."""
     from diffusers import AutoencoderKL
 
@@ -233,7 +239,9 @@ def _load_pipeline_folder(root: Path, dtype: torch.dtype) -> Teacher:
                                 "vocab.json + merges.txt, or tokenizer.json)")
     vae_variant = _weights(root, "vae", "diffusion_pytorch_model", "the VAE weights") if is_text or has("vae") else None
 
-    unet = _load(unet_cls, root, "unet", unet_variant, dtype)
+    if not is_text and not has("vae") and not with_unet:
+        return Teacher(denoiser=None, kind="unet", path=str(root), num_classes=meta.get("num_classes"), meta=meta)
+    unet = _load(unet_cls, root, "unet", unet_variant, dtype) if with_unet else None
     if not is_text and not has("vae"):
         return _pixel_teacher(unet, sched, meta, root)
 
@@ -241,15 +249,19 @@ def _load_pipeline_folder(root: Path, dtype: torch.dtype) -> Teacher:
     if vae.config.get("force_upcast", False) and dtype == torch.float16:
         vae = vae.float()  # SDXL's VAE overflows in fp16
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    try:
-        denoiser = VPUNetDenoiser(unet, sched, meta.get("num_classes"), float(meta.get("sigma_data", 0.5)))
-    except ValueError as e:
-        raise UserError(f"teacher folder {root}: {e}") from None
-    _, h, w = denoiser.sample_shape
+    denoiser = None
+    if unet is not None:
+        try:
+            denoiser = VPUNetDenoiser(unet, sched, meta.get("num_classes"), float(meta.get("sigma_data", 0.5)))
+        except ValueError as e:
+            raise UserError(f"teacher folder {root}: {e}") from None
+    from .vp import _sample_hw
+
+    h, w = _sample_hw(_read_json(root / "unet/config.json").get("sample_size"))
     teacher = Teacher(denoiser=denoiser, kind="unet", path=str(root), vae=vae,
                       vae_scaling_factor=float(vae.config.get("scaling_factor") or 1.0),
                       vae_shift_factor=float(vae.config.get("shift_factor") or 0.0),
-                      num_classes=denoiser.num_classes,
+                      num_classes=meta.get("num_classes") if denoiser is None else denoiser.num_classes,
                       image_shape=(int(vae.config.out_channels), h * factor, w * factor), meta=meta)
     if is_text:
         teacher.tokenizers, teacher.text_encoders = load_text_stack(root, stack, dtype, text_variants)
@@ -259,7 +271,9 @@ def _load_pipeline_folder(root: Path, dtype: torch.dtype) -> Teacher:
         null = teacher.encode_prompts([""])
         if zeros:  # the micro-conditioning time ids stay as they are
             null = TextCond(torch.zeros_like(null.embeds), torch.zeros_like(null.pooled), null.time_ids)
-        denoiser.null_text = null
+        teacher.null_text = null
+        if denoiser is not None:
+            denoiser.null_text = null
     return teacher
 
 

@@ -31,10 +31,13 @@ UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
 def ddpm_from_config(scheduler: Any):
     """A ``DDPMScheduler`` with the betas of any DDPM-compatible scheduler (or its config dict)."""
+    import inspect
+
     from diffusers import DDPMScheduler
 
     config = scheduler.config if hasattr(scheduler, "config") else scheduler
-    return DDPMScheduler.from_config(dict(config))
+    accepted = inspect.signature(DDPMScheduler.__init__).parameters  # LCM / DDIM / Euler keys are not DDPM's
+    return DDPMScheduler.from_config({k: v for k, v in dict(config).items() if k in accepted or k.startswith("_")})
 
 
 def ddim_sigmas(scheduler: Any, steps: int) -> Tensor:

@@ -8,6 +8,8 @@ Layout of ``RUN/checkpoints/step-NNNNNNN/``::
     rng.pt                     torch CPU (+ CUDA) RNG states (``weights_only=True``)
     meta.json                  step, method, networks (class, parameter count), schedule, extra state
     config.yaml                the resolved run config
+    student/                   the self-describing student artefact (:mod:`diffdistill.artefact`), written
+                               by the training loop through ``write_extra``
 
 The folder is written under a temporary name and renamed into place; ``RUN/checkpoints/latest`` (a text
 file naming the folder) is replaced last, so a kill at any point leaves the previous checkpoint loadable.
@@ -18,21 +20,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..errors import UserError
-
-CKPT_DIR = "checkpoints"
-LATEST = "latest"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:07d}"
+# The read side lives outside training so that sampling can read checkpoints without importing training.
+from ..checkpoint_io import (CKPT_DIR, LATEST, latest_checkpoint, list_checkpoints, load_network,  # noqa: F401
+                             load_safetensors, load_torch, read_meta, resolve_checkpoint, step_dir_name)
 
 
 def _contiguous_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -42,8 +39,13 @@ def _contiguous_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: Path, step: int, networks: dict[str, torch.nn.Module],
                     optim_state: dict[str, Any], meta: dict[str, Any], config_yaml: str,
-                    ema_state: Optional[dict[str, torch.Tensor]] = None, keep: int = 0) -> Path:
-    """Atomically write checkpoint ``step`` and point ``latest`` at it; prune to the newest ``keep``."""
+                    ema_state: Optional[dict[str, torch.Tensor]] = None, keep: int = 0,
+                    write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Atomically write checkpoint ``step`` and point ``latest`` at it; prune to the newest ``keep``.
+
+    ``write_extra(folder)`` adds more files to the temporary folder before it is renamed into place, so
+    they appear atomically with the rest (the loop writes the student artefact this way).
+    """
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
@@ -63,6 +65,8 @@ def save_checkpoint(run_dir: Path, step: int, networks: dict[str, torch.nn.Modul
     torch.save(rng, tmp / "rng.pt")
     (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
     (tmp / "config.yaml").write_text(config_yaml)
+    if write_extra is not None:
+        write_extra(tmp)
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it atomically
         old = root / f".old-{step_dir_name(step)}-{os.getpid()}"
@@ -87,70 +91,3 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
     except OSError:
         pass
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first (temporary folders are ignored)."""
-    root = Path(run_dir) / CKPT_DIR
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "meta.json").is_file())
-
-
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The folder named by ``latest`` (falling back to the newest complete folder), or ``None``."""
-    root = Path(run_dir) / CKPT_DIR
-    marker = root / LATEST
-    if marker.is_file():
-        cand = root / marker.read_text().strip()
-        if (cand / "meta.json").is_file():
-            return cand
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder (its latest checkpoint) or a checkpoint folder -> the checkpoint folder."""
-    p = Path(path)
-    if (p / "meta.json").is_file() and (p / "config.yaml").is_file():
-        return p
-    ck = latest_checkpoint(p)
-    if ck is None:
-        raise UserError(f"{p} holds no checkpoint (expected {p}/{CKPT_DIR}/step-NNNNNNN/meta.json)")
-    return ck
-
-
-def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a missing or corrupt file is a one-line :class:`UserError`."""
-    if not path.is_file():
-        raise UserError(f"checkpoint file missing: {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"corrupt safetensors file {path}: {str(e).splitlines()[0]}") from None
-
-
-def load_network(net: torch.nn.Module, path: Path) -> None:
-    """Load weights strictly: every key must match, or a :class:`UserError` names the mismatch."""
-    state = load_safetensors(path)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{path} does not match the network: missing {list(missing)[:3]}, "
-                        f"unexpected {list(unexpected)[:3]}")
-
-
-def load_torch(path: Path) -> Any:
-    """``torch.load(weights_only=True)``: plain tensors and containers only, never arbitrary pickles."""
-    if not path.is_file():
-        raise UserError(f"checkpoint file missing: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt file to the user
-        raise UserError(f"corrupt checkpoint file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-
-
-def read_meta(ckpt: Path) -> dict[str, Any]:
-    try:
-        return json.loads((ckpt / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"corrupt or missing {ckpt / 'meta.json'}: {e}") from None

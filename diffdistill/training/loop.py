@@ -1,8 +1,9 @@
 """The method-agnostic training loop (accelerate): batches, steps, logging, checkpoints, sample grids.
 
-The loop knows a method only through :class:`~diffdistill.methods.Method`: ``prepare``, ``train_step``,
-``on_step_end``, ``generator``, its networks / optimizers / schedulers / EMA and its extra state.
-One process by default; ``torchrun`` or ``accelerate launch`` start several with no code change.
+The loop knows a method only through :class:`~diffdistill.methods.Method` (``train_step``, ``on_step_end``,
+``generator``, ``save_artifacts``, its networks and extra state); optimizers, LR schedules, EMA and every
+backward / clip / step belong to :class:`~diffdistill.training.stepper.Stepper`. One process by default;
+``torchrun`` or ``accelerate launch`` start several with no code change.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from tqdm.auto import tqdm
 from ..config import Config, config_to_yaml_dict
 from ..errors import UserError
 from ..methods import Method
-from .batches import BatchSource
+from .batches import BatchSource, micro_batch_size
 from .build import build_method
 from .checkpoints import latest_checkpoint, list_checkpoints, load_network, load_safetensors, load_torch, \
     read_meta, save_checkpoint
+from .stepper import Stepper
 
 
 class TrainingDiverged(RuntimeError):
@@ -47,15 +49,7 @@ def make_accelerator(mixed_precision: str = "no"):
                        step_scheduler_with_optimizer=False)
 
 
-def optim_state(method: Method, accelerator) -> dict[str, Any]:
-    state = {"optimizers": {k: o.state_dict() for k, o in method.optimizers.items()},
-             "schedulers": {k: s.state_dict() for k, s in method.schedulers.items()}}
-    if getattr(accelerator, "scaler", None) is not None:
-        state["scaler"] = accelerator.scaler.state_dict()
-    return state
-
-
-def checkpoint_meta(cfg: Config, method: Method) -> dict[str, Any]:
+def checkpoint_meta(cfg: Config, method: Method, stepper: Stepper) -> dict[str, Any]:
     nets = {name: {"class": type(net).__name__,
                    "parameters": sum(p.numel() for p in net.parameters()),
                    "trainable": sum(p.numel() for p in net.parameters() if p.requires_grad)}
@@ -65,36 +59,43 @@ def checkpoint_meta(cfg: Config, method: Method) -> dict[str, Any]:
             "student": {"kind": cfg.student.kind, "levels": list(getattr(student, "levels", [])),
                         "renoise": getattr(student, "renoise", None),
                         "denoiser": type(student.net).__name__},
-            "ema": None if method.ema is None else {"optimization_step": method.ema.optimization_step,
-                                                    "decay": method.ema.decay},
-            "extra": method.extra_state(), "format": 1}
+            "ema": stepper.ema_meta(), "extra": method.extra_state(), "format": 1}
 
 
-def save(run_dir: Path, step: int, cfg: Config, method: Method, accelerator) -> Path:
+def save(run_dir: Path, step: int, cfg: Config, method: Method, stepper: Stepper, latent: bool = False) -> Path:
+    """Write checkpoint ``step``: networks, optimizer / schedule / EMA state, and the student artefact
+    (with the EMA weights when EMA is on), which is what sampling loads."""
     import yaml
 
-    return save_checkpoint(run_dir, step, method.nets, optim_state(method, accelerator), checkpoint_meta(cfg, method),
-                           yaml.safe_dump(config_to_yaml_dict(cfg), sort_keys=False), method.ema_state(),
-                           keep=cfg.train.keep_checkpoints)
+    def write_student(tmp: Path) -> None:
+        from ..artefact import save_artefact
+
+        with stepper.ema_weights():
+            save_artefact(method.generator(), tmp / "student", {"method": cfg.method, "teacher": cfg.teacher.path,
+                                                                "guidance_scale": cfg.teacher.guidance_scale,
+                                                                "step": step, "latent": latent})
+
+    return save_checkpoint(run_dir, step, method.nets, stepper.state_dict(), checkpoint_meta(cfg, method, stepper),
+                           yaml.safe_dump(config_to_yaml_dict(cfg), sort_keys=False), stepper.ema_state(),
+                           keep=cfg.train.keep_checkpoints, write_extra=write_student)
 
 
-def restore(ckpt: Path, method: Method, accelerator=None, optimizers: bool = True) -> int:
-    """Load a checkpoint into ``method`` (strictly); returns its step."""
+def restore(ckpt: Path, method: Method, stepper: Optional[Stepper] = None) -> int:
+    """Load a checkpoint into ``method`` (strictly); returns its step.
+
+    With a ``stepper`` (resume) also its EMA, optimizer, LR-schedule and fp16-scaler state and the CPU RNG,
+    so the resumed run continues bit for bit. Sampling never needs this: it loads the checkpoint's student
+    artefact.
+    """
     meta = read_meta(ckpt)
     for name, net in method.nets.items():
         load_network(net, ckpt / f"{name}.safetensors")
-    if method.ema is not None and (ckpt / "student_ema.safetensors").is_file():
-        method.load_ema_state(load_safetensors(ckpt / "student_ema.safetensors"))
-        method.ema.optimization_step = int(meta["ema"]["optimization_step"])
     method.load_extra_state(meta.get("extra", {}))
-    if optimizers:
-        state = load_torch(ckpt / "optimizers.pt")
-        for k, o in method.optimizers.items():
-            o.load_state_dict(state["optimizers"][k])
-        for k, s in method.schedulers.items():
-            s.load_state_dict(state["schedulers"][k])
-        if "scaler" in state and getattr(accelerator, "scaler", None) is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
+    if stepper is not None:
+        if stepper.ema is not None and (ckpt / "student_ema.safetensors").is_file():
+            stepper.load_ema_state(load_safetensors(ckpt / "student_ema.safetensors"),
+                                   int(meta["ema"]["optimization_step"]))
+        stepper.load_state_dict(load_torch(ckpt / "optimizers.pt"))
         torch.set_rng_state(load_torch(ckpt / "rng.pt")["cpu"])
     return int(meta["step"])
 
@@ -127,52 +128,77 @@ def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None) -
     if not resume and list_checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another --output")
     accelerator = make_accelerator(cfg.train.mixed_precision)
+    accum = cfg.train.grad_accum
+    micro_batch_size(cfg.train.batch_size, accelerator.num_processes, accum)  # fail before building anything
     method, teacher = build_method(cfg, accelerator.device)
     dataset = _dataset_for(cfg, method)
     num_classes = method.student.net.num_classes
     source = BatchSource(dataset, teacher, num_classes, cfg.train.batch_size, accelerator.process_index,
                          accelerator.num_processes, cfg.train.seed, accelerator.device, _prompts_for(cfg))
-    method.prepare(accelerator)
+    stepper = Stepper(method, accelerator, accum)
     start = 0
     if resume:
         ck = latest_checkpoint(run_dir)
         if ck is not None:
-            start = restore(ck, method, accelerator)
+            start = restore(ck, method, stepper)
     main = accelerator.is_main_process
     logger = RunLogger(run_dir, cfg, enabled=main)
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
     bar = tqdm(range(start, end), initial=start, total=cfg.train.steps, disable=not main, desc=f"{cfg.method}")
+    window = LogWindow()
     t0 = time.perf_counter()
     for step in bar:
-        batch = source(step)
-        with accelerator.autocast():
-            losses = method.train_step(batch, step)
-        losses.update(method.on_step_end(step + 1))
-        bad = {k: v for k, v in losses.items() if isinstance(v, float) and not math.isfinite(v)}
+        logs = stepper.step(source.micro_batches(step, accum), step)
+        logs.update(method.on_step_end(step + 1))
+        bad = {k: v for k, v in logs.items() if isinstance(v, float) and not math.isfinite(v)}
         if bad:
             last = latest_checkpoint(run_dir)
             raise TrainingDiverged(f"non-finite loss at step {step + 1} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
                                    f"stopped without saving; last good checkpoint: {last or 'none'}")
+        window.add(logs)
         done = step + 1
         if done % cfg.train.log_every == 0 or done == end:
-            keys = sorted(k for k, v in losses.items() if isinstance(v, (int, float)))
-            vals = torch.tensor([float(losses[k]) for k in keys], device=accelerator.device)
-            vals = accelerator.reduce(vals, reduction="mean") if accelerator.num_processes > 1 else vals
-            row = dict(zip(keys, vals.tolist()))
-            row["lr"] = next(iter(method.optimizers.values())).param_groups[0]["lr"] if method.optimizers else 0.0
+            row = window.means(accelerator)
+            row["lr"] = stepper.lr
             row["seconds"] = time.perf_counter() - t0
             logger.log(done, row)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in list(row.items())[:3]})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("loss")})
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
             accelerator.wait_for_everyone()
             if main:
-                save(run_dir, done, cfg, method, accelerator)
-                method.save_artifacts(run_dir)
+                save(run_dir, done, cfg, method, stepper, latent=getattr(teacher, "vae", None) is not None)
+                with stepper.ema_weights():
+                    method.save_artifacts(run_dir)
         if main and cfg.train.sample_every and (done % cfg.train.sample_every == 0 or done == cfg.train.steps):
-            save_sample_grid(method, teacher, run_dir / "samples" / f"step-{done:07d}.png", cfg)
+            with stepper.ema_weights():
+                save_sample_grid(method, teacher, run_dir / "samples" / f"step-{done:07d}.png", cfg)
     accelerator.wait_for_everyone()
     logger.close()
     return run_dir
+
+
+class LogWindow:
+    """Numeric logs accumulated between two log rows; each key's mean is over the iterations where it
+    appeared, so a value present every ``n``-th iteration (DMD2's generator losses) is never lost."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, logs: dict[str, Any]) -> None:
+        for k, v in logs.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+                self.counts[k] = self.counts.get(k, 0) + 1
+
+    def means(self, accelerator=None) -> dict[str, float]:
+        """The per-key means (averaged over processes too), then an empty window."""
+        keys = sorted(self.sums)
+        vals = torch.tensor([self.sums[k] / self.counts[k] for k in keys], dtype=torch.float64)
+        if accelerator is not None and accelerator.num_processes > 1:  # every process logs the same keys
+            vals = accelerator.reduce(vals.to(accelerator.device), reduction="mean").cpu()
+        self.sums, self.counts = {}, {}
+        return dict(zip(keys, vals.tolist()))
 
 
 def final_losses(run_dir: Path) -> list[dict[str, Any]]:

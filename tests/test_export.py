@@ -1,0 +1,240 @@
+"""Student artefacts and ``diffdistill export``: every student kind leaves the framework.
+
+Each export is sampled in a subprocess that imports only torch and diffusers (asserted), from the same
+initial noise as diffdistill's own sampler, and the two must agree:
+- 1e-4 (images in [-1, 1]) where the maths is the same (plain x0 students: DDIM, LCM and Euler schedulers);
+- the consistency-parameterised one-step students within the gap bound the export reports (<= 1e-3).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffdistill.artefact import load_artefact, save_artefact
+from diffdistill.errors import UserError
+from diffdistill.export import export_generator
+from diffdistill.generator import load_generator
+from diffdistill.schedules import timestep_levels
+from diffdistill.seeding import mix_seed
+from diffdistill.students import RoutedStudent, Student, build_student_net
+from diffdistill.teachers import load_teacher
+
+from .test_teachers import sd_pipeline
+
+DIGITS = str(Path(__file__).resolve().parents[1] / "assets" / "teachers" / "digits")
+
+
+def _perturb(net: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> None:
+    """Move a student's trainable weights off the teacher's so that a wrong load would show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def _run_diffusers(script: str, cwd: Path) -> None:
+    """Run ``script`` with only torch + diffusers imported; it must not import diffdistill."""
+    code = textwrap.dedent(script) + "\nimport sys\nassert not [m for m in sys.modules if m.startswith('diffdistill')]\n"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=cwd, timeout=300)
+
+
+PIXEL_LOOP = """
+import torch, diffusers
+d = torch.load("in.pt")
+unet = diffusers.UNet2DModel.from_pretrained("{exp}", subfolder="unet")
+name = __import__("json").load(open("{exp}/scheduler/scheduler_config.json"))["_class_name"]
+sch = getattr(diffusers, name).from_pretrained("{exp}", subfolder="scheduler")
+sch.set_timesteps({k})
+g = torch.Generator().manual_seed(5)
+x = d["z"] * sch.init_noise_sigma
+with torch.no_grad():
+    for t in sch.timesteps:
+        x = sch.step(unet(sch.scale_model_input(x, t), t, class_labels=d["labels"]).sample, t, x, generator=g).prev_sample
+torch.save(x, "out.pt")
+"""
+
+
+def _ours(gen, z: torch.Tensor, cond, vp: bool, steps=None) -> torch.Tensor:
+    """diffdistill's sample from diffusers' initial latents ``z``: VP schedulers start at ``x_t = z``, i.e.
+    sigma-space ``x = z sqrt(1 + s0^2)``; Euler starts at ``x = s0 z`` (init_noise_sigma = s0)."""
+    s0 = gen.model.levels_for(steps)[0]
+    z = z * (1 + s0**2) ** 0.5 / s0 if vp else z
+    with torch.no_grad():
+        return gen.model(z, cond, steps=steps, generator=torch.Generator().manual_seed(5))
+
+
+def _pixel_round_trip(student, tmp_path: Path, info: dict, export_kw=None, tol: float = 1e-5) -> tuple[float, dict, Path]:
+    art = tmp_path / "art"
+    save_artefact(student, art, {"method": "test", "teacher": DIGITS, "step": 3, **info})
+    exp = export_generator(str(art), str(tmp_path / "exp"), **(export_kw or {}))
+    gen = load_generator(exp, device="cpu")  # the export, as `diffdistill sample --checkpoint EXPORT` reads it
+    k = gen.nfe()
+    z = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 3, 5, 7, 9, 1])
+    torch.save({"z": z, "labels": labels}, tmp_path / "in.pt")
+    _run_diffusers(PIXEL_LOOP.format(exp=exp, k=k), tmp_path)
+    theirs = torch.load(tmp_path / "out.pt")
+    sched = json.loads((exp / "scheduler" / "scheduler_config.json").read_text())
+    vp = sched["_class_name"] != "EulerDiscreteScheduler"
+    from_artefact = load_generator(art, device="cpu")
+    ours = _ours(from_artefact, z, labels, vp, steps=k)
+    diff = (ours - theirs).abs().max().item()
+    # the export read back by diffdistill samples like the artefact (consistency students: within the scalings' gap)
+    assert (_ours(gen, z, labels, vp) - ours).abs().max().item() < tol
+    return diff, sched, exp
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_teacher(DIGITS).denoiser
+
+
+@pytest.mark.parametrize("steps,renoise,scheduler", [(1, "fresh", "DDIMScheduler"), (4, "fresh", "LCMScheduler"),
+                                                    (2, "ddim", "DDIMScheduler")])
+def test_pixel_student_export_matches_diffusers_loop(digits, tmp_path, steps, renoise, scheduler):
+    net = build_student_net(digits, "copy")
+    _perturb(net)
+    student = Student(net, timestep_levels(digits.sigma_grid(), steps), renoise)
+    diff, sched, exp = _pixel_round_trip(student, tmp_path, {})
+    assert sched["_class_name"] == scheduler
+    assert diff < 1e-4
+    assert load_generator(exp, device="cpu").nfe() == steps
+    index = json.loads((exp / "model_index.json").read_text())
+    assert index["_class_name"] == "DDPMPipeline"
+    card = (exp / "README.md").read_text()
+    assert f"set_timesteps({steps})" in card and "null (unconditional) class" in card
+
+
+def test_small_and_merged_lora_students_export(digits, tmp_path):
+    small = build_student_net(digits, "small", small={"block_out_channels": [8, 16], "norm_num_groups": 4})
+    _perturb(small, 1)
+    diff, _, _ = _pixel_round_trip(Student(small, timestep_levels(digits.sigma_grid(), 1)), tmp_path / "s", {})
+    assert diff < 1e-4
+    lora = build_student_net(digits, "lora", lora_rank=4)
+    _perturb(lora, 2, 0.05)
+    student = Student(lora, timestep_levels(digits.sigma_grid(), 1))
+    with pytest.raises(UserError, match="--merge"):
+        _pixel_round_trip(student, tmp_path / "l", {})
+    diff, _, _ = _pixel_round_trip(student, tmp_path / "m", {}, {"merge": True})
+    assert diff < 1e-4
+    art = json.loads((tmp_path / "l" / "art" / "student.json").read_text())
+    assert art["members"][0]["lora"]["rank"] == 4  # the artefact stores the adapter over the teacher, not a copy
+    assert (tmp_path / "l" / "art" / "student.safetensors").stat().st_size < 0.5 * Path(DIGITS, "diffusion_pytorch_model.safetensors").stat().st_size
+
+
+def test_consistency_and_boot_students_export_or_refuse(digits, tmp_path):
+    from diffdistill.methods.boot import BootStudent
+    from diffdistill.methods.consistency import ConsistencyDenoiser
+
+    net = build_student_net(digits, "copy")
+    _perturb(net, 3)
+    cd = Student(ConsistencyDenoiser(net, 0.002, 0.5), [80.0], "ddim")  # CD on a Karras grid: sigma 80
+    diff, sched, _ = _pixel_round_trip(cd, tmp_path / "cd", {}, tol=1e-3)
+    assert sched["_class_name"] == "EulerDiscreteScheduler" and diff < 1e-3
+    ict = Student(ConsistencyDenoiser(net, 0.002, 0.5), [80.0, 0.821], "fresh")
+    save_artefact(ict, tmp_path / "ict", {"teacher": DIGITS})
+    with pytest.raises(UserError, match="consistency-parameterised"):
+        export_generator(str(tmp_path / "ict"), str(tmp_path / "ict_exp"))
+    assert not (tmp_path / "ict_exp").exists()  # nothing half-made
+    diff, _, _ = _pixel_round_trip(ict, tmp_path / "ict1", {}, {"steps": 1}, tol=1e-3)
+    assert diff < 1e-3
+    boot = BootStudent(net, 0.01, 157.0, 1.0)
+    diff, sched, _ = _pixel_round_trip(boot, tmp_path / "boot", {})
+    assert sched["_class_name"] == "EulerDiscreteScheduler" and diff < 1e-4
+
+
+def test_routed_student_sends_each_label_to_its_member_and_round_trips(digits, tmp_path):
+    a, b = build_student_net(digits, "copy"), build_student_net(digits, "copy")
+    _perturb(a, 4)
+    _perturb(b, 5)
+    levels = timestep_levels(digits.sigma_grid(), 1)
+    routed = RoutedStudent([Student(a, levels), Student(b, levels)], [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    save_artefact(routed, tmp_path / "art", {"teacher": DIGITS})
+    gen = load_generator(tmp_path / "art", device="cpu")
+    labels = [7, 2, 9, 0, 5, 4]
+    mixed = gen.sample(6, labels=labels, seed=3)
+    for k, member in enumerate((a, b)):
+        idx = [i for i, c in enumerate(labels) if (c >= 5) == bool(k)]
+        z = torch.stack([torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(mix_seed(3, i))) for i in idx])
+        with torch.no_grad():
+            alone = member(z * levels[0], levels[0], torch.tensor([labels[i] for i in idx])).clamp(-1, 1)
+        assert torch.allclose(mixed[idx], alone, atol=1e-5)
+    from diffdistill.generator import Generator
+
+    half = Generator(RoutedStudent([Student(a, levels)], [[0, 1, 2, 3, 4]]))
+    with pytest.raises(UserError, match="class label 7 belongs to no student"):
+        half.sample(2, labels=[1, 7])
+
+
+def test_artefact_loading_is_strict_and_builds_no_training_parts(digits, tmp_path):
+    net = build_student_net(digits, "copy")
+    save_artefact(Student(net, [157.4]), tmp_path / "art", {"teacher": DIGITS})
+    art = load_artefact(tmp_path / "art")
+    assert isinstance(art.model, Student) and art.components is None
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "art" / "student.safetensors"))
+    state.pop(next(iter(state)))
+    save_file(state, str(tmp_path / "art" / "student.safetensors"))
+    with pytest.raises(UserError, match="does not match its network: missing"):
+        load_artefact(tmp_path / "art")
+    (tmp_path / "art" / "student.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="corrupt"):
+        load_artefact(tmp_path / "art")
+
+
+def test_sampling_imports_no_training_code(tmp_path, digits):
+    save_artefact(Student(build_student_net(digits, "copy"), [157.4]), tmp_path / "art", {"teacher": DIGITS})
+    code = (f"import sys, diffdistill\ng = diffdistill.load_generator({str(tmp_path / 'art')!r}, device='cpu')\n"
+            "g.sample(2)\nbad = [m for m in sys.modules if m.startswith(('diffdistill.training', 'diffdistill.methods.dmd2',"
+            " 'diffdistill.config'))]\nassert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+# --------------------------------------------------------------------------------------------------
+# Text-to-image
+TEXT_PIPE = """
+import torch, diffusers
+d = torch.load("in.pt")
+pipe = diffusers.DiffusionPipeline.from_pretrained("{folder}")
+{lora}out = pipe(d["prompts"], num_inference_steps={k}, guidance_scale=0, latents=d["z"], output_type="pt",
+           generator=torch.Generator().manual_seed(5)).images
+torch.save(out, "out.pt")
+"""
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+@pytest.mark.parametrize("kind", ["copy", "lora"])
+def test_text_student_exports_a_pipeline_or_an_adapter(tmp_path, sdxl, kind):
+    pipe = sd_pipeline(tmp_path, sdxl=sdxl)
+    pipe.save_pretrained(tmp_path / "teacher")
+    teacher = load_teacher(tmp_path / "teacher")
+    net = build_student_net(teacher.denoiser, kind, lora_rank=4) if kind == "lora" else build_student_net(teacher.denoiser)
+    _perturb(net, 6, 0.05)
+    student = Student(net, timestep_levels(teacher.denoiser.sigma_grid(), 2), "fresh")
+    save_artefact(student, tmp_path / "art", {"method": "dmd2", "teacher": str(tmp_path / "teacher"), "latent": True})
+    exp = export_generator(str(tmp_path / "art"), str(tmp_path / "exp"))
+    prompts = ["a cat", "ca"]
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch.save({"z": z, "prompts": prompts}, tmp_path / "in.pt")
+    if kind == "lora":
+        assert (exp / "pytorch_lora_weights.safetensors").is_file() and not (exp / "unet").exists()
+        lora = (f'pipe.load_lora_weights("{exp}")\n'
+                f'pipe.scheduler = diffusers.LCMScheduler.from_pretrained("{exp}", subfolder="scheduler")\n')
+        _run_diffusers(TEXT_PIPE.format(folder=tmp_path / "teacher", lora=lora, k=2), tmp_path)
+    else:
+        assert json.loads((exp / "model_index.json").read_text())["_class_name"].startswith("StableDiffusion")
+        _run_diffusers(TEXT_PIPE.format(folder=exp, lora="", k=2), tmp_path)
+    theirs = torch.load(tmp_path / "out.pt")
+    gen = load_generator(exp, device="cpu")
+    assert gen.nfe() == 2
+    ours = gen.decode(_ours(gen, z, gen.encode_prompts(prompts), vp=True))
+    assert ((ours.clamp(-1, 1) + 1) / 2 - theirs).abs().max().item() < 1e-4
