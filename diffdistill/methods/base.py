@@ -19,6 +19,7 @@ DDP never sees a forward whose parameters receive no gradient.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -216,8 +217,18 @@ class Method:
         """
         raise NotImplementedError
 
+    def on_train_start(self, run_dir: Path, step: int, is_main: bool) -> None:
+        """Hook once the run folder is known and any checkpoint is restored (``step`` = the first step to
+        run), before the first step. Run-level artefacts that never change (DisBack's recorded path) are
+        written here or later into ``run_dir`` (by the main process), once, not in every checkpoint."""
+
     def on_step_end(self, step: int) -> dict[str, float]:
         """Hook after each step (stage switches, curricula); return anything worth logging."""
+        return {}
+
+    def status(self) -> dict[str, float]:
+        """The method's current state (e.g. a stage or DisBack's target node), logged as is at every log row
+        of ``metrics.jsonl`` / TensorBoard and shown in the progress bar."""
         return {}
 
     def generator(self) -> Any:

@@ -142,6 +142,7 @@ def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None) -
         if ck is not None:
             start = restore(ck, method, stepper)
     main = accelerator.is_main_process
+    method.on_train_start(run_dir, start, main)
     logger = RunLogger(run_dir, cfg, enabled=main)
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
     bar = tqdm(range(start, end), initial=start, total=cfg.train.steps, disable=not main, desc=f"{cfg.method}")
@@ -159,10 +160,12 @@ def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None) -
         done = step + 1
         if done % cfg.train.log_every == 0 or done == end:
             row = window.means(accelerator)
+            status = method.status()  # the method's current state (e.g. a stage), as is, not averaged
+            row.update(status)
             row["lr"] = stepper.lr
             row["seconds"] = time.perf_counter() - t0
             logger.log(done, row)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("loss")})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("loss") or k in status})
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
             accelerator.wait_for_everyone()
             if main:
