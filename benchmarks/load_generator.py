@@ -23,6 +23,9 @@ import json, resource, sys, time
 import torch
 torch.set_num_threads(1)
 import diffdistill.generator, diffdistill.artefact, diffdistill.training.build, diffdistill.methods.dmd2  # imports first
+import accelerate, diffusers, peft, safetensors.torch  # noqa: F401  (warm: the delta is the models, not imports)
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel  # noqa: F401
+import diffdistill.training.stepper, diffdistill.teachers, diffdistill.config  # noqa: F401
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 if sys.argv[2] == "artefact":

@@ -104,6 +104,9 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is bool:
+        words = {"yes": True, "on": True, "no": False, "off": False}  # the YAML 1.1 words kept as text by --set
+        if isinstance(value, str) and value.lower() in words:
+            return True, words[value.lower()]
         return isinstance(value, bool), value
     if tp is str:
         return isinstance(value, str), value
@@ -172,6 +175,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+            value = raw.strip()  # YAML 1.1 reads no/yes/on/off as booleans: keep the word (mixed_precision=no)
         node = data
         parts = key.strip().split(".")
         for p in parts[:-1]:

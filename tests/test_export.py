@@ -47,18 +47,22 @@ def _run_diffusers(script: str, cwd: Path) -> None:
 
 
 PIXEL_LOOP = """
-import torch, diffusers
-d = torch.load("in.pt")
-unet = diffusers.UNet2DModel.from_pretrained("{exp}", subfolder="unet")
-name = __import__("json").load(open("{exp}/scheduler/scheduler_config.json"))["_class_name"]
-sch = getattr(diffusers, name).from_pretrained("{exp}", subfolder="scheduler")
-sch.set_timesteps({k})
-g = torch.Generator().manual_seed(5)
-x = d["z"] * sch.init_noise_sigma
-with torch.no_grad():
-    for t in sch.timesteps:
-        x = sch.step(unet(sch.scale_model_input(x, t), t, class_labels=d["labels"]).sample, t, x, generator=g).prev_sample
-torch.save(x, "out.pt")
+import json, torch, diffusers
+
+
+def sample_export(exp, k, out):
+    d = torch.load("in.pt")
+    unet = diffusers.UNet2DModel.from_pretrained(exp, subfolder="unet")
+    cls = json.load(open(exp + "/scheduler/scheduler_config.json"))["_class_name"]
+    sch = getattr(diffusers, cls).from_pretrained(exp, subfolder="scheduler")
+    sch.set_timesteps(k)
+    g = torch.Generator().manual_seed(5)
+    x = d["z"] * sch.init_noise_sigma
+    with torch.no_grad():
+        for t in sch.timesteps:
+            x = sch.step(unet(sch.scale_model_input(x, t), t, class_labels=d["labels"]).sample, t, x,
+                         generator=g).prev_sample
+    torch.save(x, out)
 """
 
 
@@ -80,7 +84,7 @@ def _pixel_round_trip(student, tmp_path: Path, info: dict, export_kw=None, tol: 
     z = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 3, 5, 7, 9, 1])
     torch.save({"z": z, "labels": labels}, tmp_path / "in.pt")
-    _run_diffusers(PIXEL_LOOP.format(exp=exp, k=k), tmp_path)
+    _run_diffusers(PIXEL_LOOP + f"sample_export({str(exp)!r}, {k}, 'out.pt')\n", tmp_path)
     theirs = torch.load(tmp_path / "out.pt")
     sched = json.loads((exp / "scheduler" / "scheduler_config.json").read_text())
     vp = sched["_class_name"] != "EulerDiscreteScheduler"
@@ -238,3 +242,114 @@ def test_text_student_exports_a_pipeline_or_an_adapter(tmp_path, sdxl, kind):
     assert gen.nfe() == 2
     ours = gen.decode(_ours(gen, z, gen.encode_prompts(prompts), vp=True))
     assert ((ours.clamp(-1, 1) + 1) / 2 - theirs).abs().max().item() < 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# Trained through the loop: every method and student kind, exported and sampled by plain diffusers
+TRAINED = {  # name: (config, overrides, export kwargs, tolerance)
+    "dmd2_copy": ("dmd2", [], {}, 1e-4),
+    "dmd2_4step": ("dmd2_4step", [], {}, 1e-4),
+    "dmd2_small": ("dmd2", ["student.kind=small", "student.small={block_out_channels: [8, 8], norm_num_groups: 4}"],
+                   {}, 1e-4),
+    "dmd2_lora_merged": ("dmd2", ["student.kind=lora", "student.lora_rank=4"], {"merge": True}, 1e-4),
+    "ict_1step": ("ict", [], {"steps": 1}, 1e-3),
+    "cd": ("cd", [], {}, 1e-3),
+    "tscd_2seg_plain": ("tscd", ["tscd.segments=[2]", "tscd.stage_starts=null", "tscd.consistency_param=false", "student.steps=2"], {}, 1e-4),
+    "boot": ("boot", [], {}, 1e-4),
+}
+
+
+@pytest.fixture(scope="module")
+def trained_exports(tiny_teacher_run, tmp_path_factory):
+    """Train each TRAINED case 2 steps on the tiny 8-px teacher, export it, and sample every export in ONE
+    subprocess that imports only torch and diffusers; returns ``{name: (diffusers, diffdistill, tol)}``."""
+    from diffdistill.config import load_config
+    from diffdistill.paths import resolve_path
+    from diffdistill.training.loop import train
+
+    root = tmp_path_factory.mktemp("trained")
+    z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 3, 7, 9])
+    torch.save({"z": z, "labels": labels}, root / "in.pt")
+    cases, ours = {}, {}
+    for name, (config, overrides, kw, tol) in TRAINED.items():
+        cfg = load_config(resolve_path(f"configs/digits/{config}.yaml"), [
+            f"output_dir={root / name}", f"teacher.path={tiny_teacher_run}", "data.resolution=8", "train.steps=2",
+            "train.batch_size=4", "train.checkpoint_every=2", "train.sample_every=0", "train.log_every=1",
+            "train.mixed_precision=no", *overrides])
+        run = train(cfg)
+        exp = export_generator(str(run), str(root / f"{name}-export"), **kw)
+        gen = load_generator(run, device="cpu")
+        k = load_generator(exp, device="cpu").nfe()
+        sched = json.loads((exp / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+        ours[name] = (_ours(gen, z, labels, sched != "EulerDiscreteScheduler", steps=k), tol)
+        cases[name] = (str(exp), k)
+    script = PIXEL_LOOP + "".join(f"sample_export({exp!r}, {k}, {name + '.pt'!r})\n" for name, (exp, k) in cases.items())
+    _run_diffusers(script, root)
+    return root, {name: (torch.load(root / f"{name}.pt"), ours[name][0], ours[name][1]) for name in TRAINED}
+
+
+@pytest.mark.parametrize("name", list(TRAINED))
+def test_trained_student_export_matches_diffusers(trained_exports, name):
+    theirs, ours, tol = trained_exports[1][name]
+    assert theirs.shape == ours.shape
+    assert (theirs - ours).abs().max().item() < tol
+
+
+def test_loop_trained_text_lora_student_exports_an_adapter_diffusers_loads(tmp_path):
+    from diffdistill.config import load_config
+    from diffdistill.paths import resolve_path
+    from diffdistill.training.loop import train
+
+    sd_pipeline(tmp_path).save_pretrained(tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("a cat\nca\nabc\n")
+    cfg = load_config(resolve_path("configs/sd15/dmd2.yaml"), [
+        f"output_dir={tmp_path / 'run'}", f"teacher.path={tmp_path / 'teacher'}", f"data.path={tmp_path / 'prompts.txt'}",
+        "data.resolution=16", "student.kind=lora", "student.lora_rank=4", "train.steps=2", "train.batch_size=2",
+        "train.checkpoint_every=2", "train.sample_every=0", "train.log_every=1", "train.mixed_precision=no",
+        "train.lr=1e-2", "train.warmup_steps=0", "dmd2.dfake_gen_update_ratio=1"])
+    run = train(cfg)
+    art = json.loads((run / "checkpoints" / "step-0000002" / "student" / "student.json").read_text())
+    assert art["text"] and art["latent"] and art["members"][0]["lora"]["rank"] == 4
+    exp = export_generator(str(run), str(tmp_path / "exp"))
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch.save({"z": z, "prompts": ["a cat", "abc"]}, tmp_path / "in.pt")
+    lora = (f'pipe.load_lora_weights("{exp}")\n'
+            f'pipe.scheduler = diffusers.DDIMScheduler.from_pretrained("{exp}", subfolder="scheduler")\n')
+    _run_diffusers(TEXT_PIPE.format(folder=tmp_path / "teacher", lora=lora, k=1), tmp_path)
+    gen = load_generator(run, device="cpu")
+    ours = gen.decode(_ours(gen, z, gen.encode_prompts(["a cat", "abc"]), vp=True))
+    theirs = torch.load(tmp_path / "out.pt")
+    assert ((ours.clamp(-1, 1) + 1) / 2 - theirs).abs().max().item() < 1e-4
+    # the adapter moved the student: the teacher alone samples differently
+    teacher = load_generator(tmp_path / "teacher", device="cpu")
+    with torch.no_grad():
+        plain = teacher.decode(teacher.denoiser(z * (1 + gen.model.levels[0] ** 2) ** 0.5, gen.model.levels[0],
+                                                gen.encode_prompts(["a cat", "abc"])))
+    assert (plain - ours).abs().max().item() > 1e-3
+
+
+def test_load_generator_on_a_dmd2_checkpoint_builds_only_the_student(trained_exports, tmp_path):
+    """No fake score, GAN head, optimizer or training module: only the student's own parameters."""
+    run = trained_exports[0] / "dmd2_copy"
+    ckpt = run / "checkpoints" / "step-0000002"
+    from safetensors.torch import load_file
+
+    student_params = sum(t.numel() for t in load_file(str(ckpt / "student.safetensors")).values())
+    code = textwrap.dedent(f"""
+        import sys, torch
+        def refuse(*a, **k):
+            raise AssertionError("an optimizer was built")
+        torch.optim.Optimizer.__init__ = refuse
+        import diffdistill
+        gen = diffdistill.load_generator({str(run)!r}, device="cpu")
+        gen.sample(2)
+        n = sum(p.numel() for p in gen.model.parameters())
+        assert n == {student_params}, n
+        bad = [m for m in sys.modules if m.startswith(("diffdistill.training", "diffdistill.methods.dmd2",
+                                                      "diffdistill.methods.gan_head", "diffdistill.config"))]
+        assert not bad, bad
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert {"fake_score", "gan_head"} <= set(meta["networks"])  # the checkpoint has them; sampling ignores them

@@ -28,6 +28,12 @@ current generator ``k`` steps without gradients, re-noises to ``levels[k]`` and 
 prediction there, so no gradient ever flows through the chain. Order of turns, random labels for the
 generator and the per-iteration LR schedule (the Stepper steps every schedule every iteration) follow
 the official code (tianweiy/DMD2).
+
+Reuse (DisBack subclasses :class:`DMD2`): the losses are pure functions (:func:`distribution_matching_loss`,
+:func:`fake_score_loss`, :func:`gan_generator_loss`, :func:`gan_critic_loss`), and the turns are public
+methods (:meth:`DMD2.generator_input`, :meth:`DMD2.generator_loss`, :meth:`DMD2.critic_loss`,
+:meth:`DMD2.draw_sigma`). The generator turn reads its real score from the attribute ``real_score`` at every
+call, so a subclass changes the target by assigning it (DisBack walks it along a recorded path).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +93,27 @@ def distribution_matching_loss(x: Tensor, mu_real: Tensor, mu_fake: Tensor) -> t
     return 0.5 * F.mse_loss(x.float(), (x - grad).detach().float()), grad
 
 
+def fake_score_loss(x0_pred: Tensor, x: Tensor, sigma: Tensor, sigma_data: float, weighting: str = "edm") -> Tensor:
+    """The fake score's denoising loss ``mean(lambda(s) (D_fake(x + s n, s) - x)^2)``.
+
+    ``lambda(s) = 1/s^2 + 1/sigma_data^2`` (``"edm"``, EDM teachers) or ``1/s^2`` (``"eps"``: the eps-MSE
+    ``|eps_hat - eps|^2 = (D - x)^2 / s^2`` of SD-style teachers). ``x`` is the clean target, ``sigma`` the
+    per-sample level ``[B]``. Shared by DMD2's critic turn and DisBack's degradation recording.
+    """
+    weight = 1 / sigma**2 + (1 / sigma_data**2 if weighting == "edm" else 0.0)
+    return (append_dims(weight, x.ndim) * (x0_pred.float() - x) ** 2).mean()
+
+
+def gan_generator_loss(logits_fake: Tensor) -> Tensor:
+    """Non-saturating generator GAN loss ``mean(softplus(-logit))`` on generated samples."""
+    return F.softplus(-logits_fake).mean()
+
+
+def gan_critic_loss(logits_fake: Tensor, logits_real: Tensor) -> Tensor:
+    """Discriminator loss ``mean(softplus(logit_fake)) + mean(softplus(-logit_real))``."""
+    return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
+
+
 class DMD2(Method):
     """DMD2 distillation; see the module docstring for the losses.
 
@@ -98,6 +125,12 @@ class DMD2(Method):
         total_steps: the run's ``train.steps``.
         fake_score: the initial fake score; default a trainable float32 copy of ``teacher``. Needed when
             the teacher has no parameters (the exact mixture teacher of the tests).
+        generator_classes: the class labels random generator labels are drawn from (uniformly); default
+            every class of the teacher. Multi-student distillation (:mod:`.msd`) gives each student its group.
+
+    Attributes:
+        real_score: the denoiser the generator turn treats as the data score, read at every call; default
+            the classifier-free guided teacher. Subclasses may reassign it (DisBack).
     """
 
     name = "dmd2"
@@ -107,8 +140,8 @@ class DMD2(Method):
 
     def __init__(self, teacher: Denoiser, student: Student, config: DMD2Config,
                  optim: Optional[OptimConfig] = None, total_steps: int = 1000,
-                 fake_score: Optional[Denoiser] = None) -> None:
-        _validate(config)
+                 fake_score: Optional[Denoiser] = None, generator_classes: Optional[Sequence[int]] = None) -> None:
+        _validate(config, self.name)
         optim = optim or OptimConfig()
         if config.lr is not None:
             optim = dataclasses.replace(optim, lr=config.lr)
@@ -127,6 +160,7 @@ class DMD2(Method):
             head = GANHead(feature_shape(fake_score)).to(next(fake_score.parameters()).device)
             self.add_network("gan_head", head, lr=lr_fake, group="fake_score")  # trained by the critic loss
         self.real_score = CFGDenoiser(teacher, config.guidance_scale)
+        self.generator_classes = None if generator_classes is None else torch.as_tensor(list(generator_classes)).long()
         grid = teacher.sigmas  # ascending; the teacher's own discrete levels (VP timesteps) when it has them
         if grid is None:
             grid = karras_sigmas(config.grid_levels, teacher.sigma_min, teacher.sigma_max).flip(0)
@@ -139,27 +173,27 @@ class DMD2(Method):
         gan_on = cfg.gan and step >= cfg.gan_start_step
         logs: dict[str, float] = {}
         losses: dict[str, Tensor] = {}
-        x_in, s_in, cond, level = self._generator_input(batch)
+        x_in, s_in, cond, level = self.generator_input(batch)
         if len(self.student.levels) > 1:
             logs["sim_level"] = float(level)
         if step % cfg.dfake_gen_update_ratio == 0:  # generator turn first, as in the official trainer
             x = self.wrapped["student"](x_in, s_in, cond)
             # frozen while L_G's graph is recorded: the critic gets no gradient from it
             with self._frozen("fake_score", "gan_head"):
-                losses["student"], parts = self._generator_loss(x, cond, batch, gan_on)
+                losses["student"], parts = self.generator_loss(x, cond, batch, gan_on)
             logs.update(parts)
         else:
             with torch.no_grad():
                 x = self.student.net(x_in, s_in, cond)
-        losses["fake_score"], parts = self._critic_loss(x.detach(), cond, batch, gan_on)
+        losses["fake_score"], parts = self.critic_loss(x.detach(), cond, batch, gan_on)
         logs.update(parts)
         return StepOutput(losses, logs)
 
-    def _generator_loss(self, x: Tensor, cond: Cond, batch: Batch, gan_on: bool) -> tuple[Tensor, dict]:
+    def generator_loss(self, x: Tensor, cond: Cond, batch: Batch, gan_on: bool) -> tuple[Tensor, dict]:
         """``L_G`` on generated ``x`` (with grad); critic networks are evaluated raw and frozen."""
         cfg = self.config
         lo, hi = self._index_range(cfg.min_quantile, cfg.max_quantile)
-        s = self._draw_sigma(batch, len(x), lo, hi)
+        s = self.draw_sigma(batch, len(x), lo, hi)
         n = self._randn(batch, x.shape)
         with torch.no_grad():
             x_s = x.detach() + append_dims(s, x.ndim) * n
@@ -171,12 +205,12 @@ class DMD2(Method):
         if gan_on and cfg.gan_gen_weight > 0:
             x_g, s_g = self._gan_noised(x, batch)
             logits = self.nets["gan_head"](bottleneck_features(self.nets["fake_score"], x_g, s_g, cond))
-            loss_gan = F.softplus(-logits).mean()
+            loss_gan = gan_generator_loss(logits)
             loss = loss + cfg.gan_gen_weight * loss_gan
             logs["loss_gan_g"] = float(loss_gan.detach())
         return loss, logs
 
-    def _critic_loss(self, x: Tensor, cond: Cond, batch: Batch, gan_on: bool) -> tuple[Tensor, dict]:
+    def critic_loss(self, x: Tensor, cond: Cond, batch: Batch, gan_on: bool) -> tuple[Tensor, dict]:
         """``L_critic``: the fake-score denoising loss on ``sg(G(z))`` plus the GAN D-loss.
 
         The loss goes through the wrapped fake score (full forward); the GAN features of noised fake and
@@ -184,17 +218,16 @@ class DMD2(Method):
         """
         cfg = self.config
         b = len(x)
-        s = self._draw_sigma(batch, b, 0, len(self.grid) - 1)  # the teacher's whole noise range
+        s = self.draw_sigma(batch, b, 0, len(self.grid) - 1)  # the teacher's whole noise range
         x_s = x + append_dims(s, x.ndim) * self._randn(batch, x.shape)
         x0 = self.wrapped["fake_score"](x_s, s, cond)  # the DDP-wrapped forward: it arms the gradient all-reduce
         sd = self.teacher.sigma_data
-        weight = 1 / s**2 + (1 / sd**2 if cfg.fake_weighting == "edm" else 0.0)  # eps-MSE = (D - x)^2 / s^2
-        loss_fake = (append_dims(weight, x.ndim) * (x0.float() - x) ** 2).mean()
+        loss_fake = fake_score_loss(x0, x, s, sd, cfg.fake_weighting)  # eps-MSE = (D - x)^2 / s^2
         loss = loss_fake
         logs = {"loss_fake": float(loss_fake.detach())}
         if gan_on and cfg.gan_critic_weight > 0:
             if batch.images is None:
-                raise UserError("dmd2's GAN loss needs real images: set data.name or dmd2.gan=false")
+                raise UserError(f"{self.name}'s GAN loss needs real images: set data.name or {self.name}.gan=false")
             real = batch.images.to(self.device, torch.float32)
             (x_f, s_f), (x_r, s_r) = self._gan_noised(x, batch), self._gan_noised(real, batch)
             # fake and real in one batch, each with its own condition
@@ -202,15 +235,18 @@ class DMD2(Method):
                                         cond_cat([cond, self._real_cond(batch)]))
             logits = self.wrapped["gan_head"](feats)
             on_fake, on_real = logits[:b], logits[b:]
-            loss_d = F.softplus(on_fake).mean() + F.softplus(-on_real).mean()
+            if len(on_real):
+                loss_d = gan_critic_loss(on_fake, on_real)
+                logs["p_real"] = float(torch.sigmoid(on_real.detach()).mean())
+            else:  # no real image in this batch (MSD filters real images to a student's group): fake term only
+                loss_d = F.softplus(on_fake).mean()
             loss = loss + cfg.gan_critic_weight * loss_d
-            logs.update(loss_gan_d=float(loss_d.detach()), p_real=float(torch.sigmoid(on_real.detach()).mean()),
-                        p_fake=float(torch.sigmoid(on_fake.detach()).mean()))
+            logs.update(loss_gan_d=float(loss_d.detach()), p_fake=float(torch.sigmoid(on_fake.detach()).mean()))
         return loss, logs
 
     # ----------------------------------------------------------------------------------------------
     # Generator inputs and conditions
-    def _generator_input(self, batch: Batch) -> tuple[Tensor, float, Cond, int]:
+    def generator_input(self, batch: Batch) -> tuple[Tensor, float, Cond, int]:
         """``(x, sigma, cond, k)``: the generator's input at level ``k`` (0 for one-step students)."""
         levels = self.student.levels
         cond = self._generator_cond(batch)
@@ -224,7 +260,8 @@ class DMD2(Method):
             return levels[0] * z, levels[0], cond, 0
         if not self.config.backward_simulation:  # official "denoising" without simulation: real data
             if batch.images is None:
-                raise UserError("dmd2.backward_simulation=false trains on noised real images: the data has none")
+                raise UserError(f"{self.name}.backward_simulation=false trains on noised real images: "
+                                "the data has none")
             real = batch.images.to(self.device, torch.float32)
             return real + levels[k] * z[: len(real)], levels[k], self._real_cond(batch), k
         x = levels[0] * z
@@ -248,7 +285,11 @@ class DMD2(Method):
         cond = self._real_cond(batch)
         n = self.teacher.num_classes
         if isinstance(cond, Tensor) and n is not None and self.config.generator_labels == "random":
-            return (batch.rand((batch.size,)) * n).long().clamp(max=n - 1).to(cond.device)
+            pool = self.generator_classes
+            if pool is None:
+                return (batch.rand((batch.size,)) * n).long().clamp(max=n - 1).to(cond.device)
+            idx = (batch.rand((batch.size,)).cpu() * len(pool)).long().clamp(max=len(pool) - 1)
+            return pool[idx].to(cond.device)
         return cond
 
     # ----------------------------------------------------------------------------------------------
@@ -257,7 +298,7 @@ class DMD2(Method):
         t = len(self.grid)
         return int(lo_q * t), min(int(hi_q * t), t - 1)  # official: randint(min_step, max_step + 1)
 
-    def _draw_sigma(self, batch: Batch, n: int, lo: int, hi: int) -> Tensor:
+    def draw_sigma(self, batch: Batch, n: int, lo: int, hi: int) -> Tensor:
         """``n`` sigmas at grid indices uniform in ``[lo, hi]``."""
         idx = (lo + batch.rand((n,)).cpu() * (hi - lo + 1)).long().clamp(lo, hi)
         return self.grid[idx].to(self.device)
@@ -265,8 +306,21 @@ class DMD2(Method):
     def _gan_noised(self, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """``(x + s' n, s')`` with grid index of ``s'`` uniform in ``[0, gan_max_quantile * T)``."""
         hi = max(int(self.config.gan_max_quantile * len(self.grid)) - 1, 0)
-        s = self._draw_sigma(batch, len(x), 0, hi)
+        s = self.draw_sigma(batch, len(x), 0, hi)
         return x + append_dims(s, x.ndim) * self._randn(batch, x.shape), s
+
+    # the names these methods had before they became public, for callers written against them
+    def _generator_loss(self, x: Tensor, cond: Cond, batch: Batch, gan_on: bool) -> tuple[Tensor, dict]:
+        return self.generator_loss(x, cond, batch, gan_on)
+
+    def _critic_loss(self, x: Tensor, cond: Cond, batch: Batch, gan_on: bool) -> tuple[Tensor, dict]:
+        return self.critic_loss(x, cond, batch, gan_on)
+
+    def _generator_input(self, batch: Batch) -> tuple[Tensor, float, Cond, int]:
+        return self.generator_input(batch)
+
+    def _draw_sigma(self, batch: Batch, n: int, lo: int, hi: int) -> Tensor:
+        return self.draw_sigma(batch, n, lo, hi)
 
     def _randn(self, batch: Batch, shape) -> Tensor:
         return batch.randn(tuple(shape)).to(self.device)
@@ -284,19 +338,19 @@ class DMD2(Method):
                 p.requires_grad_(True)
 
 
-def _validate(cfg: DMD2Config) -> None:
-    """Reject impossible settings with one clear line."""
+def _validate(cfg: DMD2Config, section: str = "dmd2") -> None:
+    """Reject impossible settings with one clear line (``section``: the config section, for the message)."""
     if cfg.dfake_gen_update_ratio < 1:
-        raise UserError(f"dmd2.dfake_gen_update_ratio must be >= 1, got {cfg.dfake_gen_update_ratio}")
+        raise UserError(f"{section}.dfake_gen_update_ratio must be >= 1, got {cfg.dfake_gen_update_ratio}")
     if cfg.fake_weighting not in ("edm", "eps"):
-        raise UserError(f"dmd2.fake_weighting must be 'edm' or 'eps', got {cfg.fake_weighting!r}")
+        raise UserError(f"{section}.fake_weighting must be 'edm' or 'eps', got {cfg.fake_weighting!r}")
     if cfg.generator_labels not in ("random", "batch"):
-        raise UserError(f"dmd2.generator_labels must be 'random' or 'batch', got {cfg.generator_labels!r}")
+        raise UserError(f"{section}.generator_labels must be 'random' or 'batch', got {cfg.generator_labels!r}")
     if not 0 <= cfg.min_quantile <= cfg.max_quantile <= 1:
-        raise UserError(f"dmd2 needs 0 <= min_quantile <= max_quantile <= 1, got "
+        raise UserError(f"{section} needs 0 <= min_quantile <= max_quantile <= 1, got "
                         f"{cfg.min_quantile} and {cfg.max_quantile}")
     if not 0 < cfg.gan_max_quantile <= 1:
-        raise UserError(f"dmd2.gan_max_quantile must be in (0, 1], got {cfg.gan_max_quantile}")
+        raise UserError(f"{section}.gan_max_quantile must be in (0, 1], got {cfg.gan_max_quantile}")
 
 
 METHOD = DMD2

@@ -1,0 +1,351 @@
+"""MSD — Multi-Student Distillation (Song et al., ICML 2025) [paper; no public code: a reconstruction].
+
+The class labels are split into K disjoint groups (:mod:`diffdistill.partitions`: consecutive blocks by
+default, the paper's best; k-means on the teacher's class embeddings; random). Student ``k`` is a one-step
+(or few-step) generator distilled with DMD2 on group ``k`` only, with its own fake score and GAN head:
+
+- its generator labels are drawn uniformly from its group (:class:`~.dmd2.DMD2` ``generator_classes``);
+- its GAN head sees only the real images of the batch whose label is in its group ("real images for the
+  GAN filtered to the group" [paper]);
+- everything else is DMD2's maths unchanged: each student is a :class:`~.dmd2.DMD2` instance that MSD
+  feeds its share of the batch (composition through DMD2's public ``train_step``, no private calls).
+
+At sampling, :class:`~diffdistill.students.RoutedStudent` sends each label to its group's student: one
+network evaluation per sample, as for one student. :meth:`MSD.generator` returns it, so every checkpoint's
+artefact holds the K members and the router, and ``load_generator`` / ``sample`` / ``eval fid`` /
+``export`` use it like any student.
+
+Smaller students (``student.kind: small``) start with *Teacher Score Matching* [paper] for
+``msd.tsm_steps`` iterations, on noised real images of their group::
+
+    s ~ U(teacher grid);  x_s = x + s n;  L_TSM = mean(lambda(s) ||D_small(x_s, s, c) - D_teacher(x_s, s, c)||^2)
+
+with ``lambda`` the fake-score weighting (``fake_weighting``: ``eps`` 1/s^2, ``edm`` 1/s^2 + 1/sd^2), then
+DM (distribution matching), then the GAN terms from ``gan_start_step``: three stages of one run,
+``status()["msd_stage"]`` = 0 (TSM), 1 (DM), 2 (DM + GAN). The fake scores do not train during TSM.
+
+How K students share one run's iterations: every iteration trains *every* student on its own slice of
+the global batch (sample ``g`` of the global batch goes to student ``g mod K``: ``B/K`` generated samples
+each). This is the paper's comparison ("4 students at batch 32 each beat 1 student at batch 128") and it
+makes "equal total generator updates" exact: the routed generator (the union of the members' weights) takes
+one update per generator turn on the whole batch of ``B`` samples, each sample's gradient reaching only its
+member, so K = 1, 2, 5 runs at the same ``train.steps`` and ``train.batch_size`` make the same number of
+generator updates, see the same number of samples and cost the same network evaluations. Round-robin (one
+student per iteration on the whole batch) would give each member 1/K of the updates at a K times larger
+batch, a different trade that the paper does not use. Interleaving (``g mod K``) rather than blocks keeps
+every student in every process and micro-batch, which DDP needs (each rank must run each trained network's
+forward); hence a micro-batch must hold at least K samples.
+
+Several processes: each process trains every student on its share of the batch (data parallel, as DMD2).
+One group per process was not chosen: the method-agnostic Stepper DDP-wraps every trained network over all
+processes, and a DDP network must take part in every rank's backward; it would need one process group per
+student, i.e. a change to the loop. Memory grows by K (students, fake scores, GAN heads).
+
+EMA: none (DMD2's official code keeps none and the paper does not mention one); the Stepper's EMA covers
+one network, so ``train.ema_decay > 0`` is refused rather than silently averaging one member.
+Text prompts: :class:`~diffdistill.partitions.PCAPartition` partitions and routes pooled prompt embeddings,
+but the student artefact routes class labels only, so text-conditional training is refused with one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Denoiser, append_dims
+from ..errors import UserError
+from ..partitions import PARTITION_KINDS, check_partition, class_partition, format_partition
+from ..seeding import mix_seed
+from ..students import RoutedStudent, Student
+from .base import Batch, Method, OptimConfig, StepOutput
+from .dmd2 import DMD2, DMD2Config, fake_score_loss
+
+PARTITION_FILE = "msd_partition.json"  # run-level record of the groups, written once by the main process
+STAGES = ("tsm", "dm", "gan")
+
+
+@dataclass
+class MSDConfig(DMD2Config):
+    """The ``msd:`` config section: every DMD2 key (applied to each student) plus the MSD keys below."""
+
+    num_students: int = 4  # K; the paper's ImageNet-64 result (FID 1.20) uses 4 same-size students
+    partition: str = "sequential"  # sequential (paper's best) | kmeans (teacher class embeddings) | random
+    partition_seed: int = 0  # seed of the kmeans initialisation and of the random partition
+    tsm_steps: int = 0  # Teacher Score Matching iterations before DM (small students: the paper's first stage)
+
+
+class _StudentDMD2(DMD2):
+    """DMD2 for one MSD student: unchanged maths, errors named after the ``msd:`` section."""
+
+    name = "msd"
+
+
+class MSD(Method):
+    """Multi-student distillation over a partition of the class labels (see the module docstring).
+
+    Args:
+        teacher: the unguided class-conditional teacher denoiser.
+        students: K students (one per group), all at the same levels.
+        groups: K disjoint groups of class labels covering every class (:mod:`diffdistill.partitions`).
+        config: :class:`MSDConfig`.
+        optim: optimizer settings; ``config.lr`` / ``config.lr_fake`` override the learning rates.
+        total_steps: the run's ``train.steps``.
+        fake_scores: the K initial fake scores (default: copies of ``teacher``, as DMD2).
+    """
+
+    name = "msd"
+    Config = MSDConfig
+    supports_fp16 = False
+    fp16_reason = "DMD2, which each student runs, diverges in fp16"
+
+    def __init__(self, teacher: Denoiser, students: Sequence[Student], groups: Sequence[Sequence[int]],
+                 config: MSDConfig, optim: Optional[OptimConfig] = None, total_steps: int = 1000,
+                 fake_scores: Optional[Sequence[Denoiser]] = None) -> None:
+        optim = optim or OptimConfig()
+        _validate(config, teacher, students, groups, optim)
+        base_optim = optim
+        if config.lr is not None:
+            optim = dataclasses.replace(optim, lr=config.lr)
+        super().__init__(teacher, RoutedStudent(list(students), groups), config, optim, total_steps)
+        self._unregister("student")  # Method registers student.net (member 0); MSD names members student_k
+        self.partition = [list(g) for g in self.student.groups]
+        dmd_config = DMD2Config(**{f.name: getattr(config, f.name) for f in dataclasses.fields(DMD2Config)})
+        self.members: list[DMD2] = []
+        for k, (student, group) in enumerate(zip(students, self.partition)):
+            fake = fake_scores[k] if fake_scores is not None else None
+            sub = _StudentDMD2(teacher, student, dmd_config, base_optim, total_steps, fake_score=fake,
+                               generator_classes=group)
+            for name, net in sub.nets.items():  # student -> student_k, fake_score -> fake_score_k, ...
+                spec = sub.optim_specs.get(name)
+                group_name = next((g for g, members in sub.groups.items() if name in members), name)
+                self.add_network(f"{name}_{k}", net, lr=(spec.lr if spec and spec.lr is not None else sub.optim.lr),
+                                 betas=spec.betas if spec else None, optimizer=spec.optimizer if spec else "adamw",
+                                 group=f"{group_name}_{k}")
+            self.members.append(sub)
+        self.grid = self.members[0].grid  # the teacher's noise levels (TSM draws from them, as the fake-score loss)
+        self._next_step = 0
+
+    @property
+    def num_students(self) -> int:
+        return len(self.members)
+
+    def _unregister(self, name: str) -> None:
+        for store in (self.nets, self.wrapped, self.optim_specs):
+            store.pop(name, None)
+        self.groups = {g: [m for m in ms if m != name] for g, ms in self.groups.items()}
+        self.groups = {g: ms for g, ms in self.groups.items() if ms}
+
+    # ----------------------------------------------------------------------------------------------
+    # Stages
+    def stage(self, step: int) -> str:
+        """``"tsm"`` before ``tsm_steps``, then ``"dm"``, then ``"gan"`` from DMD2's ``gan_start_step``."""
+        cfg = self.config
+        if step < cfg.tsm_steps:
+            return "tsm"
+        return "gan" if cfg.gan and step >= cfg.gan_start_step else "dm"
+
+    # ----------------------------------------------------------------------------------------------
+    # Each student's share of the batch
+    def student_batch(self, batch: Batch, k: int) -> Batch:
+        """Student ``k``'s part of ``batch``: its generator samples and the real images of its group.
+
+        Generated samples: global sample ``g`` goes to student ``g mod K``; this micro-batch's samples of
+        student ``k`` are a contiguous slice ``[offset_k, offset_k + size_k)`` of that student's
+        ``global_size_k`` samples, so the student's noise, drawn for its global share and sliced
+        (:class:`Batch`), does not depend on the number of processes or micro-batches. Its generator is
+        seeded from the step's seed and ``k``. Real images (and their labels, the batch's ``cond``): those
+        of the micro-batch whose label is in group ``k`` (their number varies; it may be zero).
+        """
+        kk = self.num_students
+
+        def count(n: int) -> int:  # global indices g < n with g mod K == k
+            return max(0, (n - k + kk - 1) // kk)
+
+        offset_k = count(batch.offset)
+        size_k = count(batch.offset + batch.size) - offset_k
+        if size_k < 1:
+            raise UserError(f"msd needs at least msd.num_students={kk} samples per process and micro-batch, got "
+                            f"{batch.size}: raise train.batch_size or lower train.grad_accum")
+        gen = torch.Generator(device=batch.generator.device).manual_seed(mix_seed(batch.generator.initial_seed(), k))
+        images, cond = batch.images, batch.cond
+        if isinstance(cond, Tensor):
+            mask = torch.isin(cond, torch.as_tensor(self.partition[k], device=cond.device))
+            cond = cond[mask]
+            images = images[mask.to(images.device)] if images is not None else None
+        return Batch(images, cond, gen, size_k, offset_k, count(batch.global_size))
+
+    # ----------------------------------------------------------------------------------------------
+    # The step
+    def train_step(self, batch: Batch, step: int) -> StepOutput:
+        stage = self.stage(step)
+        losses: dict[str, Tensor] = {}
+        logs: dict[str, float] = {}
+        sums: dict[str, list[float]] = {}
+        for k, sub in enumerate(self.members):
+            for name in sub.nets:  # the Stepper's (DDP-wrapped) modules for the losses that train them
+                sub.wrapped[name] = self.wrapped[f"{name}_{k}"]
+            sub.accelerator = self.accelerator
+            part = self.student_batch(batch, k)
+            if stage == "tsm":
+                losses[f"student_{k}"], parts = self.tsm_loss(k, part)
+            else:
+                out = sub.train_step(part, step)
+                losses.update({f"{g}_{k}": v for g, v in out.losses.items()})
+                parts = out.logs
+            for key, v in parts.items():
+                sums.setdefault(key, []).append(v)
+            for key in ("loss_dm", "loss_fake", "loss_tsm"):
+                if key in parts:
+                    logs[f"{key}_{k}"] = parts[key]
+        logs.update({key: sum(v) / len(v) for key, v in sums.items()})  # the mean over students
+        return StepOutput(losses, logs)
+
+    def tsm_loss(self, k: int, part: Batch) -> tuple[Tensor, dict[str, float]]:
+        """Teacher Score Matching of student ``k`` on the noised real images of its group (module docstring).
+
+        ``s`` uniform over the teacher's grid (as the fake-score loss), ``n ~ N(0, I)``; the teacher is
+        evaluated unguided, without gradient. A micro-batch without an image of the group gives a zero loss
+        through one evaluation, so that under DDP every rank still runs the student's forward.
+        """
+        cfg = self.config
+        net = self.wrapped[f"student_{k}"]
+        student = self.members[k].student
+        if part.images is None:
+            raise UserError("msd.tsm_steps > 0 needs real images (Teacher Score Matching runs on noised data)")
+        x = part.images.to(self.device, torch.float32)
+        if len(x) == 0:
+            z = torch.zeros(1, *self.teacher.sample_shape, device=self.device)
+            label = torch.as_tensor(self.partition[k][:1], device=self.device)
+            return 0.0 * net(z, student.levels[0], label).sum(), {}
+        idx = (part.rand((len(x),)).cpu() * len(self.grid)).long().clamp(max=len(self.grid) - 1)
+        s = self.grid[idx].to(self.device)
+        x_s = x + append_dims(s, x.ndim) * part.randn(x.shape).to(self.device)
+        with torch.no_grad():
+            target = self.teacher(x_s, s, part.cond).float()
+        loss = fake_score_loss(net(x_s, s, part.cond), target, s, self.teacher.sigma_data, cfg.fake_weighting)
+        return loss, {"loss_tsm": float(loss.detach())}
+
+    # ----------------------------------------------------------------------------------------------
+    # Hooks: the partition is saved with the run and printed; the stage is reported
+    def on_train_start(self, run_dir: Path, step: int, is_main: bool) -> None:
+        self._next_step = step
+        path = Path(run_dir) / PARTITION_FILE
+        record = self.partition_record()
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("groups") != record["groups"]:
+                raise UserError(f"{path} records groups {saved.get('groups')} but this config gives "
+                                f"{record['groups']}: resume with the run's own msd settings")
+        elif is_main:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=2))
+        if is_main:
+            print(f"msd: {self.num_students} students, partition {self.config.partition!r} "
+                  f"(saved in {path}):\n{format_partition(self.partition)}", flush=True)
+
+    def partition_record(self) -> dict[str, Any]:
+        """What ``msd_partition.json`` holds: the kind, seed and groups, and each label's student."""
+        member_of = {c: k for k, g in enumerate(self.partition) for c in g}
+        return {"type": "classes", "partition": self.config.partition, "seed": self.config.partition_seed,
+                "num_students": self.num_students, "groups": self.partition,
+                "student_of_label": [member_of[c] for c in sorted(member_of)]}
+
+    def on_step_end(self, step: int) -> dict[str, float]:
+        self._next_step = step
+        return {}
+
+    def status(self) -> dict[str, float]:
+        return {"msd_stage": float(STAGES.index(self.stage(self._next_step)))}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"partition": self.partition}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("partition")
+        if saved is not None and saved != self.partition:
+            raise UserError(f"the checkpoint was trained with groups {saved}, this config gives {self.partition}: "
+                            "resume with the run's own msd settings")
+
+    # ----------------------------------------------------------------------------------------------
+    # Construction from a config
+    @classmethod
+    def from_config(cls, cfg: Any, optim: OptimConfig, device: Any) -> tuple["MSD", Any]:
+        """Load the teacher, partition its classes and build K students of ``student.kind``."""
+        from ..schedules import timestep_levels
+        from ..students import build_student_net
+        from ..training.build import load_teacher_for
+
+        c: MSDConfig = cfg.method_config
+        if cfg.data.name == "prompts":
+            raise UserError(_TEXT_MISSING)
+        if c.num_students < 1:
+            raise UserError(f"msd.num_students must be >= 1, got {c.num_students}")
+        micro = cfg.train.batch_size // max(cfg.train.grad_accum, 1)
+        if micro < c.num_students:
+            raise UserError(f"msd needs at least msd.num_students={c.num_students} samples per micro-batch, got "
+                            f"train.batch_size={cfg.train.batch_size} / train.grad_accum={cfg.train.grad_accum}")
+        teacher = load_teacher_for(cfg, device)
+        den = teacher.denoiser
+        if getattr(den, "is_text", False):
+            raise UserError(_TEXT_MISSING)
+        if not den.num_classes:
+            raise UserError("msd partitions class labels, but the teacher is not class-conditional")
+        embeddings = class_embedding_table(den) if c.partition == "kmeans" else None
+        groups = class_partition(den.num_classes, c.num_students, c.partition, c.partition_seed, embeddings)
+        if cfg.student.steps < 1:
+            raise UserError(f"student.steps must be >= 1, got {cfg.student.steps}")
+        levels = cfg.student.levels or timestep_levels(den.sigma_grid(), cfg.student.steps)
+        students = []
+        for _ in groups:
+            try:
+                net = build_student_net(den, cfg.student.kind, cfg.student.lora_rank, small=cfg.student.small)
+            except (ValueError, TypeError) as e:
+                raise UserError(f"cannot build the {cfg.student.kind!r} student: {e}") from None
+            students.append(Student(net.to(device=device, dtype=torch.float32), levels, cfg.student.renoise))
+        return cls(den, students, groups, c, optim, cfg.train.steps), teacher
+
+
+_TEXT_MISSING = ("msd on text prompts is not available yet: diffdistill.partitions.PCAPartition splits pooled prompt "
+                 "embeddings, but the student artefact's router sends class labels only")
+
+
+def class_embedding_table(denoiser: Denoiser) -> Tensor:
+    """The teacher's class-embedding rows ``[num_classes, D]`` (a diffusers UNet's ``class_embedding``, or the
+    first ``nn.Embedding`` with enough rows), for ``msd.partition: kmeans``."""
+    n = denoiser.num_classes
+    found = [m for name, m in denoiser.named_modules()
+             if isinstance(m, torch.nn.Embedding) and m.num_embeddings >= n and name.endswith("class_embedding")]
+    found = found or [m for m in denoiser.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings >= n]
+    if not found:
+        raise UserError("msd.partition=kmeans needs the teacher's class-embedding table and this teacher has none; "
+                        "use sequential or random")
+    return found[0].weight.detach()[:n].float().cpu()
+
+
+def _validate(cfg: MSDConfig, teacher: Denoiser, students: Sequence[Student], groups: Sequence[Sequence[int]],
+              optim: OptimConfig) -> None:
+    """Reject impossible settings with one clear line (DMD2's own keys are checked by each student's DMD2)."""
+    if cfg.partition not in PARTITION_KINDS:
+        raise UserError(f"unknown msd.partition {cfg.partition!r}; choose {', '.join(PARTITION_KINDS)}")
+    if not teacher.num_classes:
+        raise UserError("msd partitions class labels, but the teacher is not class-conditional")
+    if cfg.num_students != len(students) or len(students) != len(groups):
+        raise UserError(f"msd.num_students={cfg.num_students} but got {len(students)} students and "
+                        f"{len(groups)} groups")
+    check_partition(groups, teacher.num_classes)
+    if cfg.tsm_steps < 0:
+        raise UserError(f"msd.tsm_steps must be >= 0, got {cfg.tsm_steps}")
+    if cfg.generator_labels != "random":
+        raise UserError("msd.generator_labels must be 'random': each student draws its generator labels from its group")
+    if optim.ema_decay > 0:
+        raise UserError("msd keeps no EMA (train.ema_decay must be 0): the Stepper's EMA covers one network and "
+                        "DMD2's official training uses none")
+
+
+METHOD = MSD
