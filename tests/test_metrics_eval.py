@@ -238,7 +238,11 @@ def test_evaluate_fid_with_a_real_generator_is_batch_size_independent(digits, ti
     a = evaluate_fid(gen, ext, ref, num_samples=24, steps=2, batch_size=24, seed=0, progress=False)
     b = evaluate_fid(gen, ext, ref, num_samples=24, steps=2, batch_size=10, seed=0, progress=False)
     assert a["seeding"] == "per-sample" and a["nfe"] == gen.nfe(2) and a["num_classes"] == 10
-    assert np.isfinite(a["fid"]) and a["fid"] == pytest.approx(b["fid"], rel=1e-6)
+    # same noise per sample; conv kernels picked by batch size round differently (measured 1.2e-6 relative on
+    # a 24-sample FID of 565), far below what another seed changes
+    assert np.isfinite(a["fid"]) and a["fid"] == pytest.approx(b["fid"], rel=1e-5)
+    c = evaluate_fid(gen, ext, ref, num_samples=24, steps=2, batch_size=24, seed=1, progress=False)
+    assert abs(c["fid"] - a["fid"]) > 1e-3 * a["fid"]
 
 
 def test_diffdistill_cli_main_runs_eval_and_reports_user_errors(digits, tmp_path, monkeypatch, capsys):
