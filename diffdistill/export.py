@@ -217,10 +217,12 @@ def export_generator(checkpoint: str, out: str, merge: bool = False, steps: Opti
     if steps is not None and steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
     source = Path(resolve_path(str(checkpoint)))
+    if not source.exists():
+        raise UserError(f"--checkpoint {checkpoint} does not exist")
     folder = find_artefact(source)
     if folder is None:
         raise UserError(f"{checkpoint} holds no student artefact (expected a run folder, a checkpoint folder with "
-                        "student/student.json, or an artefact folder); teachers are exported by training")
+                        "student/student.json, or an artefact folder)")
     art = load_artefact(folder, "cpu")
     spec = art.spec
     if spec.get("router"):
