@@ -22,7 +22,7 @@ VARIANT = r"""
 import json, resource, sys, time
 import torch
 torch.set_num_threads(1)
-import diffdistill.generator, diffdistill.artefact, diffdistill.training.build, diffdistill.methods.dmd2  # imports first
+import diffdistill.generator, diffdistill.artefact, diffdistill.training.build, diffdistill.methods.dmd2  # warm
 import accelerate, diffusers, peft, safetensors.torch  # noqa: F401  (warm: the delta is the models, not imports)
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel  # noqa: F401
 import diffdistill.training.stepper, diffdistill.teachers, diffdistill.config  # noqa: F401

@@ -96,7 +96,8 @@ def student_scheduler(scheduler_config: dict, levels: list[float], renoise: str)
     kind = "deterministic (ddim)" if deterministic else "fresh-noise"
     raise UserError(f"no diffusers scheduler reproduces this {k}-step {kind} student's levels "
                     f"{[round(s, 4) for s in levels]}: trailing teacher timesteps (DDIM / LCM) or, for deterministic "
-                    "steps, a Karras grid (Euler) are expressible; export it with --steps 1, or train it on such levels")
+                    "steps, a Karras grid (Euler) are expressible; export it with --steps 1, or train it on such "
+                    "levels")
 
 
 def _consistency_gap(wrapper: dict, levels: list[float], inner_sigma_data: float) -> float:
@@ -131,6 +132,7 @@ def _known_fid(source: Path, method: str, steps: int) -> Optional[float]:
 
 def _card(facts: dict, code: str) -> str:
     fid = facts.get("fid")
+    fid_text = f"{fid:.3f} ({facts.get('fid_source')})" if fid is not None else "not measured"
     lines = ["---", "library_name: diffusers", "tags: [diffdistill, distillation]", "---", "",
              f"# {facts['method']} student of `{facts['teacher']}`", "",
              f"Exported by diffdistill from `{facts['source']}` (step {facts.get('step')}).", "",
@@ -141,7 +143,7 @@ def _card(facts: dict, code: str) -> str:
              f"| timesteps | {facts['timesteps']} |",
              f"| scheduler | `{facts['scheduler']}` |",
              f"| conditioning | {facts['conditioning']} |",
-             f"| measured FID | {('%.3f (%s)' % (fid, facts.get('fid_source'))) if fid is not None else 'not measured'} |",
+             f"| measured FID | {fid_text} |",
              f"| match to diffdistill's sampler | {facts['tolerance']} |", "",
              "## Sample with plain diffusers", "", "```python", code.strip(), "```", ""]
     if facts.get("notes"):

@@ -28,7 +28,8 @@ from .schedules import timestep_levels
 # (``ff.net.0.proj`` inside GEGLU, ``ff.net.2``) and the toy MLP's Linears (``net.N``). Only Linear /
 # Conv2d modules are adapted: GEGLU and Dropout (``ff.net.0``, ``ff.net.1``) also match ``net\.\d+`` but
 # are filtered out by type, since peft refuses them.
-DEFAULT_LORA_TARGETS = r".*(to_q|to_k|to_v|to_out\.0|conv1|conv2|proj_in|proj_out|query|key|value|proj_attn|net\.0\.proj|net\.\d+)$"
+DEFAULT_LORA_TARGETS = (r".*(to_q|to_k|to_v|to_out\.0|conv1|conv2|proj_in|proj_out|query|key|value|proj_attn"
+                        r"|net\.0\.proj|net\.\d+)$")
 
 
 class Student(nn.Module):
@@ -195,9 +196,11 @@ def add_lora(net: nn.Module, rank: int = 64, alpha: Optional[float] = None,
     freeze(net)
     alpha = float(alpha if alpha is not None else rank)
     # only Linear / Conv2d layers: a pattern that also names a Dropout or GEGLU module would make peft refuse
-    names = [n for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and re.fullmatch(target_modules, n)]
+    names = [n for n, m in net.named_modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d)) and re.fullmatch(target_modules, n)]
     if not names:
-        raise ValueError(f"LoRA matched no Linear/Conv2d layer of {type(net).__name__} with target_modules={target_modules!r}")
+        raise ValueError(f"LoRA matched no Linear/Conv2d layer of {type(net).__name__} with "
+                         f"target_modules={target_modules!r}")
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, init_lora_weights="gaussian")
     inject_adapter_in_model(config, net)
     # recorded so the student artefact can rebuild the same adapter on the teacher's weights
