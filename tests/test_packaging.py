@@ -122,8 +122,8 @@ def test_wheel_works_from_an_empty_folder(tmp_path):
 
     # the quickstart, run as `python -m diffdistill`, with every diffdistill module loaded from the wheel
     run = prelude + (
-        "import runpy; sys.argv = ['diffdistill', 'quickstart', '--output', 'out', '--steps', '10', "
-        "'--num-samples', '100']\n"
+        "import runpy; sys.argv = ['diffdistill', 'quickstart', '--output', 'out', '--steps', '4', "
+        "'--num-samples', '20']\n"
         "try:\n    runpy.run_module('diffdistill', run_name='__main__', alter_sys=True)\n"
         "finally:\n"
         f"    bad = [n for n, m in list(sys.modules.items()) if n.startswith('diffdistill') and "

@@ -20,9 +20,14 @@ Smaller students (``student.kind: small``) start with *Teacher Score Matching* [
 
     s ~ U(teacher grid);  x_s = x + s n;  L_TSM = mean(lambda(s) ||D_small(x_s, s, c) - D_teacher(x_s, s, c)||^2)
 
-with ``lambda`` the fake-score weighting (``fake_weighting``: ``eps`` 1/s^2, ``edm`` 1/s^2 + 1/sd^2), then
+with ``lambda = 1/s^2 + 1/sd^2`` (``tsm_weighting: edm``, the default: the top level ``sigma_max``, where a
+one-step student is evaluated, keeps weight ``1/sd^2``; eps-MSE ``1/s^2`` gives it ~0), then
 DM (distribution matching), then the GAN terms from ``gan_start_step``: three stages of one run,
-``status()["msd_stage"]`` = 0 (TSM), 1 (DM), 2 (DM + GAN). The fake scores do not train during TSM.
+``status()["msd_stage"]`` = 0 (TSM), 1 (DM), 2 (DM + GAN). TSM trains a copy of each student, network
+``tsm_k`` with its own optimizer and learning rate (``msd.tsm_lr``: training a network from scratch wants
+a diffusion-training lr, 10-20x DM's), copied into ``student_k`` when DM starts, as if the stages were
+separate runs; the fake scores do not train during TSM, and the generator (artefact, sample grids) is the
+routed TSM networks until then.
 
 How K students share one run's iterations: every iteration trains *every* student on its own slice of
 the global batch (sample ``g`` of the global batch goes to student ``g mod K``: ``B/K`` generated samples
@@ -39,16 +44,19 @@ forward); hence a micro-batch must hold at least K samples.
 Several processes: each process trains every student on its share of the batch (data parallel, as DMD2).
 One group per process was not chosen: the method-agnostic Stepper DDP-wraps every trained network over all
 processes, and a DDP network must take part in every rank's backward; it would need one process group per
-student, i.e. a change to the loop. Memory grows by K (students, fake scores, GAN heads).
+student, i.e. a change to the loop. Memory grows by K (students, fake scores, GAN heads). Two processes
+reproduce one (1e-6, tested with the GAN off); the GAN's real term is a mean over each process's own real
+images of the group, whose number varies, so with the GAN on they weight real images slightly differently.
 
-EMA: none (DMD2's official code keeps none and the paper does not mention one); the Stepper's EMA covers
-one network, so ``train.ema_decay > 0`` is refused rather than silently averaging one member.
+EMA: none, as DMD2's official code. The Stepper's EMA covers one network (``student``), so
+``train.ema_decay > 0`` is refused rather than silently averaging member 0 alone (or nothing).
 Text prompts: :class:`~diffdistill.partitions.PCAPartition` partitions and routes pooled prompt embeddings,
 but the student artefact routes class labels only, so text-conditional training is refused with one line.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -78,6 +86,10 @@ class MSDConfig(DMD2Config):
     partition: str = "sequential"  # sequential (paper's best) | kmeans (teacher class embeddings) | random
     partition_seed: int = 0  # seed of the kmeans initialisation and of the random partition
     tsm_steps: int = 0  # Teacher Score Matching iterations before DM (small students: the paper's first stage)
+    # TSM's lambda(s) [paper: unstated]: 'edm' 1/s^2 + 1/sd^2 keeps the top levels, where a one-step student is
+    # evaluated, in the loss; 'eps' 1/s^2 (eps-MSE) gives sigma_max = 157 a weight of 4e-5
+    tsm_weighting: str = "edm"
+    tsm_lr: Optional[float] = None  # lr of the TSM stage (None: the generator's lr)
 
 
 class _StudentDMD2(DMD2):
@@ -129,6 +141,12 @@ class MSD(Method):
                                  group=f"{group_name}_{k}")
             self.members.append(sub)
         self.grid = self.members[0].grid  # the teacher's noise levels (TSM draws from them, as the fake-score loss)
+        self.tsm_student: Optional[RoutedStudent] = None
+        if config.tsm_steps > 0:  # TSM's own copies of the students (own optimizer and lr), see the module docstring
+            copies = [Student(copy.deepcopy(m.net), m.levels, m.renoise) for m in self.student.members]
+            self.tsm_student = RoutedStudent(copies, self.partition)
+            for k, m in enumerate(copies):
+                self.add_network(f"tsm_{k}", m.net, lr=config.tsm_lr if config.tsm_lr is not None else self.optim.lr)
         self._next_step = 0
 
     @property
@@ -193,8 +211,10 @@ class MSD(Method):
             sub.accelerator = self.accelerator
             part = self.student_batch(batch, k)
             if stage == "tsm":
-                losses[f"student_{k}"], parts = self.tsm_loss(k, part)
+                losses[f"tsm_{k}"], parts = self.tsm_loss(k, part)
             else:
+                if step == self.config.tsm_steps > 0:  # DM starts from the TSM network (every micro-batch: idempotent)
+                    self._copy_tsm_into_student(k)
                 out = sub.train_step(part, step)
                 losses.update({f"{g}_{k}": v for g, v in out.losses.items()})
                 parts = out.logs
@@ -202,7 +222,7 @@ class MSD(Method):
                 sums.setdefault(key, []).append(v)
             for key in ("loss_dm", "loss_fake", "loss_tsm"):
                 if key in parts:
-                    logs[f"{key}_{k}"] = parts[key]
+                    logs[f"student_{k}/{key}"] = parts[key]  # per student (TensorBoard groups by prefix)
         logs.update({key: sum(v) / len(v) for key, v in sums.items()})  # the mean over students
         return StepOutput(losses, logs)
 
@@ -214,7 +234,7 @@ class MSD(Method):
         through one evaluation, so that under DDP every rank still runs the student's forward.
         """
         cfg = self.config
-        net = self.wrapped[f"student_{k}"]
+        net = self.wrapped[f"tsm_{k}"]
         student = self.members[k].student
         if part.images is None:
             raise UserError("msd.tsm_steps > 0 needs real images (Teacher Score Matching runs on noised data)")
@@ -228,8 +248,21 @@ class MSD(Method):
         x_s = x + append_dims(s, x.ndim) * part.randn(x.shape).to(self.device)
         with torch.no_grad():
             target = self.teacher(x_s, s, part.cond).float()
-        loss = fake_score_loss(net(x_s, s, part.cond), target, s, self.teacher.sigma_data, cfg.fake_weighting)
+        loss = fake_score_loss(net(x_s, s, part.cond), target, s, self.teacher.sigma_data, cfg.tsm_weighting)
         return loss, {"loss_tsm": float(loss.detach())}
+
+    @torch.no_grad()
+    def _copy_tsm_into_student(self, k: int) -> None:
+        for dst, src in zip(self.nets[f"student_{k}"].parameters(), self.nets[f"tsm_{k}"].parameters()):
+            dst.copy_(src)
+        for dst, src in zip(self.nets[f"student_{k}"].buffers(), self.nets[f"tsm_{k}"].buffers()):
+            dst.copy_(src)
+
+    def generator(self) -> RoutedStudent:
+        """The routed students (the TSM networks while the TSM stage lasts)."""
+        if self.tsm_student is not None and self.stage(self._next_step) == "tsm":
+            return self.tsm_student
+        return self.student
 
     # ----------------------------------------------------------------------------------------------
     # Hooks: the partition is saved with the run and printed; the stage is reported
@@ -339,6 +372,8 @@ def _validate(cfg: MSDConfig, teacher: Denoiser, students: Sequence[Student], gr
         raise UserError(f"msd.num_students={cfg.num_students} but got {len(students)} students and "
                         f"{len(groups)} groups")
     check_partition(groups, teacher.num_classes)
+    if cfg.tsm_weighting not in ("edm", "eps"):
+        raise UserError(f"msd.tsm_weighting must be 'edm' or 'eps', got {cfg.tsm_weighting!r}")
     if cfg.tsm_steps < 0:
         raise UserError(f"msd.tsm_steps must be >= 0, got {cfg.tsm_steps}")
     if cfg.generator_labels != "random":
