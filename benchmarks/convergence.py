@@ -1,7 +1,7 @@
 """Does DisBack converge faster than DMD2? Distance to the target every K iterations, side by side.
 
-    PYTHONPATH=. python benchmarks/convergence.py toy --seeds 0 1 2 3 4 --plot runs/convergence-toy.png
-    PYTHONPATH=. python benchmarks/convergence.py digits --plot runs/convergence-digits.png
+    PYTHONPATH=. python benchmarks/convergence.py toy                 # 5 seeds, ~7 min on 2 cores
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/convergence.py digits --threads 1   # ~22 min
 
 Both methods get the same total iterations; DisBack's degradation stage counts (its student does not move
 there, so its curve is flat until ``degradation_steps``).
@@ -57,7 +57,7 @@ def toy_curve(method: str, args: argparse.Namespace, pretrained, seed: int) -> t
         m = DMD2(teacher, student, DMD2Config(**common), optim, args.iters, fake_score=copy.deepcopy(pretrained))
     else:
         cfg = DisBackConfig(**common, num_nodes=args.nodes, degradation_steps=args.degradation_steps,
-                            interval=args.interval)
+                            interval=args.interval, degradation_lr_scale=args.degradation_lr_scale)
         m = DisBack(teacher, student, cfg, optim, args.iters, fake_score=copy.deepcopy(pretrained))
     stepper = Stepper(m)
     z = torch.randn(4000, 2, generator=torch.Generator().manual_seed(7))
@@ -94,7 +94,8 @@ def run_toy(args: argparse.Namespace) -> dict[str, list[tuple[int, float]]]:
     pretrained = fit_mlp_denoiser(default_mixture())
     curves: dict[str, list[list[tuple[int, float]]]] = {"dmd2": [], "disback": []}
     print(f"toy: {args.iters} iterations, ratio {args.ratio}, lr {args.lr} / fake {args.lr_fake} (cosine); DisBack "
-          f"N={args.nodes}, degradation_steps={args.degradation_steps}, interval={args.interval}\n")
+          f"N={args.nodes}, degradation_steps={args.degradation_steps}, interval={args.interval}, "
+          f"degradation_lr_scale={args.degradation_lr_scale}\n")
     print("| seed | method | final SW1 / Heun-40 | mode weights | s |\n|---|---|---|---|---|")
     for seed in args.seeds:
         for method in curves:
@@ -118,7 +119,8 @@ def run_toy(args: argparse.Namespace) -> dict[str, list[tuple[int, float]]]:
         print(f"| {level}x | {first_below(means['dmd2'], level)} | {first_below(means['disback'], level)} |")
     if args.plot:
         plot({m: (curves[m], means[m]) for m in curves}, args.plot, "SW1 / Heun-40 (log)", log=True,
-             vline=args.degradation_steps, title="exact mixture teacher, one-step student")
+             vline=args.degradation_steps, title="exact mixture teacher, one-step student",
+             vline2=args.degradation_steps + (args.nodes - 1) * args.interval)
     return means
 
 
@@ -135,7 +137,7 @@ def run_digits(args: argparse.Namespace) -> None:
     ext = DigitsFeatures()
     ref = digits_ref_stats(ext)
     results: dict[str, list[tuple[int, float, float]]] = {}
-    degradation = 0
+    degradation = teacher_from = 0
     for method in ("dmd2", "disback"):
         run = Path(args.out) / method
         overrides = [f"output_dir={run}", f"train.checkpoint_every={args.every}", "train.keep_checkpoints=0",
@@ -144,7 +146,8 @@ def run_digits(args: argparse.Namespace) -> None:
             overrides.append(f"train.steps={args.steps}")
         cfg = load_config(f"configs/digits/{method}.yaml", overrides)
         if method == "disback":
-            degradation = cfg.method_config.degradation_steps
+            c = cfg.method_config
+            degradation, teacher_from = c.degradation_steps, c.degradation_steps + (c.num_nodes - 1) * c.interval
         last = latest_checkpoint(run)
         t0 = time.perf_counter()
         if last is None or read_meta(last)["step"] < cfg.train.steps:
@@ -170,12 +173,14 @@ def run_digits(args: argparse.Namespace) -> None:
         print(f"| {s} | {d[0]:.2f} | {b[0]:.2f} | {d[1]:.3f} | {b[1]:.3f} |")
     if args.plot:
         curves = {m: ([[(s, f) for s, f, _ in rows]], [(s, f) for s, f, _ in rows]) for m, rows in results.items()}
-        plot(curves, args.plot, "digits FID (log)", log=True, vline=degradation, title="digits teacher, one step")
+        plot(curves, args.plot, "digits FID (log)", log=True, vline=degradation, title="digits teacher, one step",
+             vline2=teacher_from)
 
 
 # ------------------------------------------------------------------------------------------------
-def plot(curves: dict, path: str, ylabel: str, log: bool, vline: int, title: str) -> None:
-    """Seed curves (thin) and their mean (thick) per method; a dotted line where DisBack's stage 2 starts."""
+def plot(curves: dict, path: str, ylabel: str, log: bool, vline: int, title: str, vline2: int) -> None:
+    """Seed curves (thin) and their mean (thick) per method; dotted lines where DisBack's stage 2 starts
+    and where its target becomes the teacher."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,6 +192,7 @@ def plot(curves: dict, path: str, ylabel: str, log: bool, vline: int, title: str
             ax.plot(*zip(*r), color=color, alpha=0.25, linewidth=0.8)
         ax.plot(*zip(*mean), color=color, linewidth=2, label={"dmd2": "DMD2", "disback": "DisBack"}[method])
     ax.axvline(vline, color="grey", linestyle=":", label="DisBack: end of degradation recording")
+    ax.axvline(vline2, color="black", linestyle=":", label="DisBack: target = teacher (node 0)")
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("iteration (DisBack's degradation stage included)")
@@ -211,8 +217,9 @@ def main() -> None:
     toy.add_argument("--lr-fake", type=float, default=1e-2)
     toy.add_argument("--nodes", type=int, default=10)
     toy.add_argument("--degradation-steps", type=int, default=500)
-    toy.add_argument("--interval", type=int, default=250)
-    toy.add_argument("--plot", default="")
+    toy.add_argument("--interval", type=int, default=50)
+    toy.add_argument("--degradation-lr-scale", type=float, default=0.03)
+    toy.add_argument("--plot", default="runs/convergence-toy.png")
     dig = sub.add_parser("digits", help="shipped digits teacher, the two shipped configs")
     dig.add_argument("--out", default="runs/convergence-digits")
     dig.add_argument("--steps", type=int, default=0, help="train.steps for both (0: the configs' own)")
@@ -220,7 +227,7 @@ def main() -> None:
     dig.add_argument("--num-samples", type=int, default=1000)
     dig.add_argument("--threads", type=int, default=2)
     dig.add_argument("--set", action="append", default=[], help="extra override for both configs")
-    dig.add_argument("--plot", default="")
+    dig.add_argument("--plot", default="runs/convergence-digits.png")
     args = ap.parse_args()
     run_toy(args) if args.task == "toy" else run_digits(args)
 

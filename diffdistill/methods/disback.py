@@ -8,7 +8,10 @@ loss on ``G0``'s samples only::
 
 so it drifts from the teacher's score (``p_data``) to the score of ``G0``'s distribution. Its weights after
 ``s_k = k D // N`` updates, ``k = 0 .. N`` (``N = disback.num_nodes``), are the *nodes* of the degradation
-path: node 0 is the teacher, node ``N`` the path's end (fitted to ``G0``).
+path: node 0 is the teacher, node ``N`` the path's end (fitted to ``G0``). Stage 1 runs the fake score's
+AdamW at ``disback.degradation_lr_scale`` x its lr: at the lr that lets a fake score track a moving
+generator, the degradation happens in its first few dozen updates (measured on the toy and the digits), so
+evenly spaced nodes would all sit at the path's end; a smaller lr spreads them along it.
 
 Stage 2, *backtracking* (iterations ``D ..``): DMD2 exactly (generator and critic turns, two time-scale
 rule, optional GAN; :class:`~diffdistill.methods.dmd2.DMD2`), except that the real score the generator
@@ -84,6 +87,9 @@ class DisBackConfig(DMD2Config):
     num_nodes: int = 10  # N: targets N-1 .. 0 (0 = the teacher); node N, the path's end, starts the fake score
     degradation_steps: int = 1000  # D: stage-1 iterations; node k is the fake score after k*D//N of them
     interval: int = 1000  # stage-2 iterations per target node before switching to the previous one
+    # stage 1 runs the fake score's AdamW at this fraction of its lr, so that a fake score tuned to track a
+    # moving generator (large lr) does not degrade in a handful of steps and crowd every node at the path's end
+    degradation_lr_scale: float = 1.0
     path_from: str = ""  # a run folder whose recorded path to walk (skips stage 1); "" records this run's own
 
 
@@ -160,6 +166,8 @@ class DisBack(DMD2):
         self.since = 0
         self.used = self.node  # the node the last step ran with (what status() logs)
         self.loaded: Optional[int] = None  # the node now in node_net / real_score
+        self._before: Optional[list[Tensor]] = None  # stage 1: the fake score's weights before this step's update
+        self._before_step = -1
 
     # ----------------------------------------------------------------------------------------------
     # Config checks
@@ -167,6 +175,8 @@ class DisBack(DMD2):
         n, d = self.num_nodes, self.degradation_steps
         if n < 1:
             raise UserError(f"disback.num_nodes must be >= 1, got {n}")
+        if not 0 < cfg.degradation_lr_scale <= 1:
+            raise UserError(f"disback.degradation_lr_scale must be in (0, 1], got {cfg.degradation_lr_scale}")
         if cfg.interval < 1:
             raise UserError(f"disback.interval must be >= 1, got {cfg.interval}")
         if not cfg.path_from and d < n:
@@ -187,6 +197,10 @@ class DisBack(DMD2):
             raise RuntimeError("DisBack.on_train_start(run_dir, step, is_main) must run before the first step")
         if step < self.degradation_steps:
             self.used = self.num_nodes
+            if self.config.degradation_lr_scale != 1 and self._before_step != step:  # once per step
+                with torch.no_grad():
+                    self._before = [p.detach().clone() for p in self._fake_params()]
+                self._before_step = step
             x_in, s_in, cond, _ = self.generator_input(batch)
             with torch.no_grad():
                 x = self.student.net(x_in, s_in, cond)
@@ -222,6 +236,7 @@ class DisBack(DMD2):
         previous node after every ``interval`` iterations on one node, and stay on node 0 (the teacher)."""
         d = self.degradation_steps
         if step <= d:  # a degradation iteration just ended
+            self._scale_update()
             steps = node_steps(self.num_nodes, d)
             if step in steps and self.is_main:
                 self._record(steps.index(step))
@@ -234,6 +249,23 @@ class DisBack(DMD2):
             self.node, self.since = self.node - 1, 0
             self._switch(self.node, barrier=True)
         return {}
+
+    def _fake_params(self) -> list[Tensor]:
+        return [p for p in self.nets["fake_score"].parameters() if p.requires_grad]
+
+    def _scale_update(self) -> None:
+        """``theta <- theta_before + a (theta_after - theta_before)``: AdamW's update ``-lr (wd theta + m/(sqrt v
+        + eps))`` scaled by ``a`` is exactly AdamW at lr ``a lr``, since its moments depend on the gradients
+        only (clipping comes before). The optimizer belongs to the Stepper and keeps one lr for both stages,
+        so the scale is applied here; the copy exists in stage 1 only, when the student's optimizer state
+        does not exist yet."""
+        if self._before is None:
+            return
+        a = self.config.degradation_lr_scale
+        with torch.no_grad():
+            for p, p0 in zip(self._fake_params(), self._before):
+                p.copy_(p0 + a * (p - p0))
+        self._before = None
 
     def status(self) -> dict[str, float]:
         """``disback_node``: the target of the last step (``N`` while recording); ``disback_stage``: 1 or 2."""
@@ -292,7 +324,8 @@ class DisBack(DMD2):
         state = {key: v.detach().to("cpu").contiguous().clone() for key, v in fake.state_dict().items()}
         file = self.path_dir / f"node-{k:02d}.safetensors"
         step = node_steps(self.num_nodes, self.degradation_steps)[k]
-        _atomic_write(file, lambda tmp: save_file(state, str(tmp), metadata={"node": str(k), "step": str(step)}))
+        meta = {"disback_node": json.dumps({"node": k, "step": step})}  # one key: safetensors orders keys randomly
+        _atomic_write(file, lambda tmp: save_file(state, str(tmp), metadata=meta))
         entry = {"node": k, "step": step, "file": file.name, "sha256": file_sha256(file), "bytes": file.stat().st_size}
         self.path["nodes"] = [n for n in self.path["nodes"] if n["node"] != k] + [entry]
         self.path["nodes"].sort(key=lambda n: n["node"])
@@ -354,9 +387,10 @@ class DisBack(DMD2):
         want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
         missing, unexpected = sorted(want.keys() - shapes.keys()), sorted(shapes.keys() - want.keys())
         reshaped = sorted(k for k in want.keys() & shapes.keys() if want[k] != shapes[k])
-        if missing or unexpected or reshaped:
-            raise UserError(f"DisBack node {file} does not fit the network: missing {missing[:3]}, unexpected "
-                            f"{unexpected[:3]}, other shapes {reshaped[:3]}")
+        parts = [f"{what} {keys[:3]}" for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                                          ("other shapes", reshaped)) if keys]
+        if parts:
+            raise UserError(f"DisBack node {file} does not fit the network: {', '.join(parts)}")
 
     def _load_node_into(self, net: nn.Module, k: int) -> None:
         """Strictly load node ``k``'s file into ``net``: recorded sha256, readable, exactly its keys."""
@@ -393,7 +427,7 @@ class DisBack(DMD2):
     def target_weights(self) -> dict[str, Tensor]:
         """The current target's weights (node 0: the teacher's), for inspection and tests."""
         net = self.teacher if self.loaded == 0 else self.node_net
-        return {k: v.detach() for k, v in net.state_dict().items()}
+        return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
 METHOD = DisBack
