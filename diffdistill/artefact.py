@@ -195,8 +195,14 @@ def build_network(spec: dict) -> Denoiser:
         from .teachers.vp import VPUNetDenoiser
 
         return VPUNetDenoiser.from_spec(spec)
-    if kind == "EDMPrecond":
-        return EDMPrecond.from_spec(spec)
+    if kind == "EDMPrecond":  # raw networks with a spec(): the toy MLP
+        raw = spec["net"]
+        if raw.get("class") != "toy.MLP":
+            raise UserError(f"student artefact names an unknown raw network {raw.get('class')!r}")
+        from .toy import MLP
+
+        return EDMPrecond(MLP(**raw["config"]), spec["sample_shape"], spec["sigma_min"], spec["sigma_max"],
+                          spec["sigma_data"], spec.get("num_classes"))
     raise UserError(f"student artefact names an unknown network class {kind!r}")
 
 

@@ -192,14 +192,3 @@ class EDMPrecond(Denoiser):
         return {"class": "EDMPrecond", "net": inner(), "sample_shape": list(self.sample_shape),
                 "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "sigma_data": self.sigma_data,
                 "num_classes": self.num_classes}
-
-    @classmethod
-    def from_spec(cls, spec: dict) -> "EDMPrecond":
-        """Rebuild from :meth:`spec` (raw networks: ``toy.MLP``)."""
-        raw = spec["net"]
-        if raw.get("class") != "toy.MLP":
-            raise ValueError(f"unknown raw network {raw.get('class')!r}")
-        from .toy import MLP
-
-        return cls(MLP(**raw["config"]), spec["sample_shape"], spec["sigma_min"], spec["sigma_max"],
-                   spec["sigma_data"], spec.get("num_classes"))
