@@ -31,6 +31,20 @@ def tiny_teacher_config(out, steps: int = 40, **train) -> dict:
             "train": t, "dsm": {"unet": TINY_UNET}}
 
 
+def one_and_two_processes(repo) -> tuple[dict, list[tuple[str, list[str]]]]:
+    """``(env, [("one", argv), ("two", argv)])``: ``python -m diffdistill`` on one process and under
+    ``torchrun --nproc_per_node 2`` (one thread each); skips the test when torchrun is missing."""
+    import os
+    import shutil
+    import sys
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    return env, [("one", [sys.executable, "-m", "diffdistill"]),
+                 ("two", ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "diffdistill"])]
+
+
 def write_config(path, data: dict):
     path.write_text(yaml.safe_dump(data))
     return path

@@ -30,6 +30,8 @@ from diffdistill.toy import (
 )
 from diffdistill.training.stepper import Stepper
 
+from tests.conftest import one_and_two_processes
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -410,17 +412,11 @@ def test_one_step_student_matches_mixture(pretrained_mlp, tmp_path):
 def test_torchrun_two_processes_match_one(tiny_teacher_run, tmp_path):
     """Two processes: the main one writes the nodes, both load them at the switches (after a barrier); the
     networks, the logged walk and the recorded path match one process."""
-    import os
-    import shutil
     import subprocess
-    import sys
 
-    if shutil.which("torchrun") is None:
-        pytest.skip("torchrun not on PATH")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env, launches = one_and_two_processes(REPO)
     runs = {}
-    for name, launch in (("one", [sys.executable, "-m", "diffdistill"]),
-                         ("two", ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "diffdistill"])):
+    for name, launch in launches:
         cfg = _digits_cfg(tiny_teacher_run, tmp_path / name, 12, "train.batch_size=8")
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config_to_yaml_dict(cfg)))

@@ -30,6 +30,8 @@ from diffdistill.toy import (
     sliced_wasserstein,
 )
 
+from tests.conftest import one_and_two_processes
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["digits/dmd2.yaml", "digits/dmd2_4step.yaml", "cifar10/dmd2.yaml", "imagenet64/dmd2.yaml",
            "sd15/dmd2.yaml", "sdxl/dmd2_4step.yaml"]
@@ -273,20 +275,14 @@ def test_training_loop_resumes_exactly_and_checkpoint_samples(tiny_teacher_run, 
 def test_torchrun_two_processes_match_one(tiny_teacher_run, tmp_path):
     """DDP: the GAN features come from the raw fake score (early exit at the bottleneck) beside one
     wrapped forward; two processes must still end with the one-process weights, head included."""
-    import os
-    import shutil
     import subprocess
-    import sys
 
     import yaml
     from safetensors.torch import load_file
 
-    if shutil.which("torchrun") is None:
-        pytest.skip("torchrun not on PATH")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env, launches = one_and_two_processes(REPO)
     runs = {}
-    for name, launch in (("one", [sys.executable, "-m", "diffdistill"]),
-                         ("two", ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "diffdistill"])):
+    for name, launch in launches:
         from diffdistill.config import config_to_yaml_dict
 
         cfg = _digits_cfg(tiny_teacher_run, tmp_path / name, 6, "train.batch_size=8", "train.checkpoint_every=6")

@@ -24,6 +24,8 @@ from diffdistill.seeding import mix_seed
 from diffdistill.students import RoutedStudent, Student, build_student_net
 from diffdistill.training.stepper import Stepper
 
+from tests.conftest import one_and_two_processes
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["digits/msd.yaml", "digits/msd_small.yaml", "imagenet64/msd.yaml", "sd15/msd.yaml"]
 
@@ -347,20 +349,15 @@ def test_torchrun_two_processes_match_one(tiny_teacher_run, tmp_path):
     number varies), so two processes weight real images slightly differently from one (measured here:
     3e-4 on the fake scores and heads after 4 steps).
     """
-    import os
-    import shutil
 
     import yaml
     from safetensors.torch import load_file
 
     from diffdistill.config import config_to_yaml_dict
 
-    if shutil.which("torchrun") is None:
-        pytest.skip("torchrun not on PATH")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env, launches = one_and_two_processes(REPO)
     runs = {}
-    for name, launch in (("one", [sys.executable, "-m", "diffdistill"]),
-                         ("two", ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "diffdistill"])):
+    for name, launch in launches:
         cfg = _digits_cfg(tiny_teacher_run, tmp_path / name, "train.batch_size=12", "train.checkpoint_every=4",
                           "msd.gan=false")
         path = tmp_path / f"{name}.yaml"
