@@ -19,7 +19,8 @@ one)::
                   "wrapper": {"type": "plain"} | {"type": "consistency", "sigma_min": s, "sigma_data": sd}
                              | {"type": "boot", "s_min": a, "s_max": b, "net_sigma_min": t},
                   "levels": [157.4], "renoise": "fresh"}],
-     "router": null | {"type": "classes", "groups": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]}}
+     "router": null | {"type": "classes", "groups": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]}
+               | {"type": "text_pca", "num_students": K, "mean": [...], "components": [[...]], "tree": {...}}}
 
 :func:`load_artefact` builds the sampled model from this alone: the member networks from their specs
 (no random initialisation: parameters are created empty and assigned from the file), strict weight loading
@@ -88,7 +89,8 @@ def describe(model: Any) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     :class:`Denoiser` (sampled with an ODE solver)."""
     if isinstance(model, RoutedStudent):
         members = [(f"student_{k}", m) for k, m in enumerate(model.members)]
-        router = {"type": "classes", "groups": [list(g) for g in model.groups]}
+        router = (model.text_partition.to_json() if model.text_partition is not None
+                  else {"type": "classes", "groups": [list(g) for g in model.groups]})
     elif isinstance(model, Student):
         members, router = [("student", model)], None
     elif isinstance(model, Denoiser):
@@ -284,9 +286,15 @@ def load_artefact(folder: str | Path, device: str | torch.device = "cpu") -> Art
     built = [wrap_member(m, n) for m, n in zip(members, nets)]
     router = spec.get("router")
     if router:
-        if router.get("type") != "classes":
-            raise UserError(f"student artefact names an unknown router {router.get('type')!r}")
-        model: Any = RoutedStudent(built, router["groups"])
+        kind = router.get("type")
+        if kind == "text_pca":  # prompts routed by their pooled embedding (MSD on a text teacher)
+            from .partitions import PCAPartition
+
+            model: Any = RoutedStudent(built, PCAPartition.from_json(router))
+        elif kind == "classes":
+            model = RoutedStudent(built, router["groups"])
+        else:
+            raise UserError(f"student artefact names an unknown router {kind!r}")
     else:
         model = built[0]
     if teacher is not None:

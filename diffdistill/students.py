@@ -21,7 +21,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .denoiser import Cond, Denoiser
+from .denoiser import Cond, Denoiser, TextCond, cond_take
+from .partitions import PCAPartition, pooled_text_embedding
 from .schedules import timestep_levels
 
 # Attention projections, ResNet convs, transformer in/out projections, the feed-forward's Linear layers
@@ -87,21 +88,34 @@ class Student(nn.Module):
 
 
 class RoutedStudent(nn.Module):
-    """Several students and a router over class labels (multi-student distillation).
+    """Several students and a router over the conditions (multi-student distillation).
 
-    Sample ``i`` goes to the member whose group holds its label; a mixed batch is split across members and
-    put back in order, so every sample still costs one member's evaluations.
+    Sample ``i`` goes to the member whose group holds its condition; a mixed batch is split across members
+    and put back in order, so every sample still costs one member's evaluations. Two routers:
+
+    - class labels: ``groups[k]`` lists the labels member ``k`` serves (disjoint);
+    - text prompts: a :class:`~diffdistill.partitions.PCAPartition` routes each prompt's pooled encoder
+      embedding (:func:`~diffdistill.partitions.pooled_text_embedding`) down its tree of principal-component
+      cuts, the same tree training partitioned the prompts with.
 
     Args:
         members: the students; all share the sample shape and the levels.
-        groups: ``groups[k]`` lists the class labels member ``k`` serves; disjoint.
+        groups: the label groups, or a fitted :class:`~diffdistill.partitions.PCAPartition` for text.
     """
 
-    def __init__(self, members: Sequence[Student], groups: Sequence[Sequence[int]]) -> None:
+    def __init__(self, members: Sequence[Student], groups: "Sequence[Sequence[int]] | PCAPartition") -> None:
         super().__init__()
+        self.members = nn.ModuleList(members)
+        self.text_partition: Optional[PCAPartition] = None
+        if isinstance(groups, PCAPartition):
+            if groups.num_students != len(members) or not members:
+                raise ValueError(f"{len(members)} members need a text partition into as many groups, "
+                                 f"got {groups.num_students}")
+            self.text_partition, self.groups = groups, []
+            self.register_buffer("table", torch.empty(0, dtype=torch.long), persistent=False)
+            return
         if len(members) != len(groups) or not members:
             raise ValueError(f"{len(members)} members need as many label groups, got {len(groups)}")
-        self.members = nn.ModuleList(members)
         self.groups = [[int(c) for c in g] for g in groups]
         flat = [c for g in self.groups for c in g]
         if len(flat) != len(set(flat)) or min(flat, default=0) < 0:
@@ -131,9 +145,19 @@ class RoutedStudent(nn.Module):
     def levels_for(self, steps: Optional[int] = None) -> list[float]:
         return self.members[0].levels_for(steps)
 
-    def route(self, labels: Tensor) -> Tensor:
-        """The member index of each label; a label in no group is a ``ValueError`` naming it."""
-        labels = labels.long()
+    def route(self, cond: Cond) -> Tensor:
+        """The member index of each condition (labels, or prompts' :class:`TextCond`).
+
+        A label in no group, labels given to a text router or prompts to a label router: ``ValueError``."""
+        if isinstance(cond, TextCond):
+            if self.text_partition is None:
+                raise ValueError("these students are routed by class label; they cannot take text prompts")
+            return self.text_partition.route(pooled_text_embedding(cond)).to(cond.embeds.device)
+        if self.text_partition is not None:
+            raise ValueError("these students are routed by prompt; give text prompts, not class labels")
+        if not isinstance(cond, Tensor):
+            raise ValueError("a routed student needs class labels to pick a member for each sample")
+        labels = cond.long()
         bad = labels[(labels < 0) | (labels >= len(self.table))]
         member = self.table.to(labels.device)[labels.clamp(0, len(self.table) - 1)]
         bad = torch.cat([bad, labels[member < 0]])
@@ -143,14 +167,12 @@ class RoutedStudent(nn.Module):
 
     def forward(self, z: Tensor, cond: Cond = None, steps: Optional[int] = None,
                 generator: Optional[torch.Generator] = None) -> Tensor:
-        if not isinstance(cond, Tensor):
-            raise ValueError("a routed student needs class labels to pick a member for each sample")
         member = self.route(cond)
         out = torch.empty(z.shape, dtype=torch.float32, device=z.device)
         for k, student in enumerate(self.members):
             idx = (member == k).nonzero().squeeze(1)
             if len(idx):
-                out[idx] = student(z[idx], cond[idx], steps=steps, generator=generator).float()
+                out[idx] = student(z[idx], cond_take(cond, idx), steps=steps, generator=generator).float()
         return out
 
 

@@ -257,11 +257,76 @@ def test_configs_validate(name):
         assert cfg.student.kind == "small" and 0 < cfg.method_config.tsm_steps <= cfg.method_config.gan_start_step
 
 
-def test_text_config_says_what_is_missing():
+PROMPTS = ["a cat", "a cab", "abc", "ca ca", "the bat", "a dog", "zebra", "quiet fox"]
+
+
+def test_text_msd_trains_routes_prompts_by_their_group_and_reloads(tmp_path):
+    """SD1.5-shaped teacher, K = 2 over the prompts' PCA groups: every student's generator prompts come from
+    its own group, the artefact's router is the same tree, and a mixed prompt batch equals each group alone."""
+    from diffdistill.artefact import load_artefact
+    from diffdistill.generator import load_generator
+    from diffdistill.training.build import build_method
+    from diffdistill.training.loop import train
+
+    from tests.test_teachers import sd_pipeline
+
+    sd_pipeline(tmp_path).save_pretrained(tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    overrides = [f"output_dir={tmp_path / 'run'}", f"teacher.path={tmp_path / 'teacher'}",
+                 f"data.path={tmp_path / 'prompts.txt'}", "data.resolution=16", "msd.num_students=2",
+                 "train.steps=2", "train.batch_size=4", "train.checkpoint_every=2", "train.sample_every=0",
+                 "train.log_every=1", "train.mixed_precision=no", "train.warmup_steps=0",
+                 "msd.dfake_gen_update_ratio=1", "teacher.guidance_scale=1.0", "msd.guidance_scale=1.0"]
+    cfg = load_config(REPO / "configs/sd15/msd.yaml", overrides)
+    method, teacher = build_method(cfg)
+    part = method.text_partition
+    pooled = pooled_text_embedding(teacher.encode_prompts(PROMPTS))
+    route = part.route(pooled).tolist()
+    assert sorted(route) == [0] * 4 + [1] * 4  # balanced halves along PC1
+    assert method.prompt_groups == [[p for p, r in zip(PROMPTS, route) if r == k] for k in range(2)]
+    # each student's generator prompts are drawn from its group only
+    batch = Batch(None, None, torch.Generator().manual_seed(3), 8, 0, 8)
+    for k in range(2):
+        cond = method.student_batch(batch, k).cond
+        assert isinstance(cond, TextCond) and len(cond) == 4
+        assert (part.route(pooled_text_embedding(cond)) == k).all()
+
+    run = train(cfg)
+    record = json.loads((run / "msd_partition.json").read_text())
+    assert record["type"] == "text_pca" and record["groups"] == method.prompt_groups
+    art = load_artefact(run / "checkpoints" / "step-0000002" / "student", "cpu")
+    assert art.spec["router"]["type"] == "text_pca"
+    gen = load_generator(run, device="cpu")
+    model = gen.model
+    assert torch.equal(model.route(teacher.encode_prompts(PROMPTS)), torch.tensor(route))
+    z = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    cond = gen.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        mixed = model(z, cond)
+        for k in range(2):
+            idx = torch.tensor([i for i, r in enumerate(route) if r == k])
+            alone = model.members[k](z[idx], TextCond(cond.embeds[idx]))
+            assert torch.allclose(mixed[idx], alone, atol=1e-6)
+        # the two members were trained apart: they differ on the same input
+        assert (model.members[0](z[:2], TextCond(cond.embeds[:2])) -
+                model.members[1](z[:2], TextCond(cond.embeds[:2]))).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="routed by prompt"):
+        model(z[:1], torch.tensor([0]))
+
+
+def test_text_msd_config_errors_are_one_line(tmp_path):
     from diffdistill.training.build import build_method
 
-    with pytest.raises(UserError, match="msd on text prompts is not available yet"):
-        build_method(load_config(REPO / "configs/sd15/msd.yaml"))
+    from tests.test_teachers import sd_pipeline
+
+    sd_pipeline(tmp_path).save_pretrained(tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("a cat\na cat\n")
+    base = [f"teacher.path={tmp_path / 'teacher'}", f"data.path={tmp_path / 'prompts.txt'}", "data.resolution=16",
+            "msd.num_students=2", "train.batch_size=4"]
+    with pytest.raises(UserError, match="set msd.partition=pca"):
+        build_method(load_config(REPO / "configs/sd15/msd.yaml", base + ["msd.partition=sequential"]))
+    with pytest.raises(UserError, match=r"left student \d without prompts \(2 prompts, 1 distinct"):
+        build_method(load_config(REPO / "configs/sd15/msd.yaml", base))
 
 
 def _digits_cfg(teacher, out, *more):

@@ -50,8 +50,12 @@ images of the group, whose number varies, so with the GAN on they weight real im
 
 EMA: none, as DMD2's official code. The Stepper's EMA covers one network (``student``), so
 ``train.ema_decay > 0`` is refused rather than silently averaging member 0 alone (or nothing).
-Text prompts: :class:`~diffdistill.partitions.PCAPartition` partitions and routes pooled prompt embeddings,
-but the student artefact routes class labels only, so text-conditional training is refused with one line.
+Text prompts (``msd.partition: pca``, a text teacher and ``data.name: prompts``): the training prompts are
+encoded once, their pooled embeddings split by :class:`~diffdistill.partitions.PCAPartition` into K balanced
+groups, and student ``k`` draws its generator prompts uniformly from group ``k`` (its share ``B/K`` of the
+batch, seeded by step and ``k``, so the draw does not depend on the number of processes). The routed
+generator sends a new prompt down the same tree, and the artefact stores the tree as its router. Prompt files
+carry no images, so the GAN branch (and TSM, which needs noised real images) is off for text students.
 """
 
 from __future__ import annotations
@@ -61,14 +65,15 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ..denoiser import Denoiser, append_dims
+from ..denoiser import Denoiser, TextCond, append_dims, cond_to
 from ..errors import UserError
-from ..partitions import PARTITION_KINDS, check_partition, class_partition, format_partition
+from ..partitions import (PARTITION_KINDS, PCAPartition, check_partition, class_partition, format_partition,
+                          pooled_text_embedding)
 from ..seeding import mix_seed
 from ..students import RoutedStudent, Student
 from .base import Batch, Method, OptimConfig, StepOutput
@@ -83,7 +88,9 @@ class MSDConfig(DMD2Config):
     """The ``msd:`` config section: every DMD2 key (applied to each student) plus the MSD keys below."""
 
     num_students: int = 4  # K; the paper's ImageNet-64 result (FID 1.20) uses 4 same-size students
-    partition: str = "sequential"  # sequential (paper's best) | kmeans (teacher class embeddings) | random
+    # class labels: sequential (paper's best) | kmeans (teacher class embeddings) | random;
+    # text prompts: pca (balanced cuts of pooled prompt embeddings along principal components)
+    partition: str = "sequential"
     partition_seed: int = 0  # seed of the kmeans initialisation and of the random partition
     tsm_steps: int = 0  # Teacher Score Matching iterations before DM (small students: the paper's first stage)
     # TSM's lambda(s) [paper: unstated]: 'edm' 1/s^2 + 1/sd^2 keeps the top levels, where a one-step student is
@@ -102,13 +109,16 @@ class MSD(Method):
     """Multi-student distillation over a partition of the class labels (see the module docstring).
 
     Args:
-        teacher: the unguided class-conditional teacher denoiser.
+        teacher: the unguided class-conditional (or text-conditional) teacher denoiser.
         students: K students (one per group), all at the same levels.
-        groups: K disjoint groups of class labels covering every class (:mod:`diffdistill.partitions`).
+        groups: K disjoint groups of class labels covering every class (:mod:`diffdistill.partitions`), or a
+            fitted :class:`~diffdistill.partitions.PCAPartition` of the training prompts (text teachers).
         config: :class:`MSDConfig`.
         optim: optimizer settings; ``config.lr`` / ``config.lr_fake`` override the learning rates.
         total_steps: the run's ``train.steps``.
         fake_scores: the K initial fake scores (default: copies of ``teacher``, as DMD2).
+        prompt_groups: text only: ``prompt_groups[k]`` are the training prompts the partition gives student ``k``.
+        encode: text only: prompts -> :class:`~diffdistill.denoiser.TextCond` (the teacher's text encoder).
     """
 
     name = "msd"
@@ -116,23 +126,29 @@ class MSD(Method):
     supports_fp16 = False
     fp16_reason = "DMD2, which each student runs, diverges in fp16"
 
-    def __init__(self, teacher: Denoiser, students: Sequence[Student], groups: Sequence[Sequence[int]],
-                 config: MSDConfig, optim: Optional[OptimConfig] = None, total_steps: int = 1000,
-                 fake_scores: Optional[Sequence[Denoiser]] = None) -> None:
+    def __init__(self, teacher: Denoiser, students: Sequence[Student],
+                 groups: "Sequence[Sequence[int]] | PCAPartition", config: MSDConfig,
+                 optim: Optional[OptimConfig] = None, total_steps: int = 1000,
+                 fake_scores: Optional[Sequence[Denoiser]] = None,
+                 prompt_groups: Optional[Sequence[Sequence[str]]] = None,
+                 encode: Optional[Callable[[list[str]], TextCond]] = None) -> None:
         optim = optim or OptimConfig()
-        _validate(config, teacher, students, groups, optim)
+        _validate(config, teacher, students, groups, optim, prompt_groups, encode)
         base_optim = optim
         if config.lr is not None:
             optim = dataclasses.replace(optim, lr=config.lr)
         super().__init__(teacher, RoutedStudent(list(students), groups), config, optim, total_steps)
         self._unregister("student")  # Method registers student.net (member 0); MSD names members student_k
-        self.partition = [list(g) for g in self.student.groups]
+        self.partition = [list(g) for g in self.student.groups]  # label groups ([] for text)
+        self.text_partition: Optional[PCAPartition] = self.student.text_partition
+        self.prompt_groups = [list(g) for g in prompt_groups] if prompt_groups is not None else None
+        self.encode = encode
         dmd_config = DMD2Config(**{f.name: getattr(config, f.name) for f in dataclasses.fields(DMD2Config)})
         self.members: list[DMD2] = []
-        for k, (student, group) in enumerate(zip(students, self.partition)):
+        for k, student in enumerate(students):
             fake = fake_scores[k] if fake_scores is not None else None
             sub = _StudentDMD2(teacher, student, dmd_config, base_optim, total_steps, fake_score=fake,
-                               generator_classes=group)
+                               generator_classes=self.partition[k] if self.partition else None)
             for name, net in sub.nets.items():  # student -> student_k, fake_score -> fake_score_k, ...
                 spec = sub.optim_specs.get(name)
                 group_name = next((g for g, members in sub.groups.items() if name in members), name)
@@ -178,7 +194,9 @@ class MSD(Method):
         ``global_size_k`` samples, so the student's noise, drawn for its global share and sliced
         (:class:`Batch`), does not depend on the number of processes or micro-batches. Its generator is
         seeded from the step's seed and ``k``. Real images (and their labels, the batch's ``cond``): those
-        of the micro-batch whose label is in group ``k`` (their number varies; it may be zero).
+        of the micro-batch whose label is in group ``k`` (their number varies; it may be zero). Text: the
+        ``cond`` is ``size_k`` prompts drawn uniformly from group ``k`` (the same global-draw-then-slice rule),
+        encoded by the teacher's text encoder; there are no real images.
         """
         kk = self.num_students
 
@@ -192,6 +210,12 @@ class MSD(Method):
                             f"{batch.size}: raise train.batch_size or lower train.grad_accum")
         gen = torch.Generator(device=batch.generator.device).manual_seed(mix_seed(batch.generator.initial_seed(), k))
         images, cond = batch.images, batch.cond
+        if self.text_partition is not None:
+            pool = self.prompt_groups[k]
+            cpu = torch.Generator().manual_seed(mix_seed(batch.generator.initial_seed(), k, 3))
+            idx = torch.randint(len(pool), (count(batch.global_size),), generator=cpu)[offset_k:offset_k + size_k]
+            cond = cond_to(self.encode([pool[int(i)] for i in idx]), self.device)
+            return Batch(None, cond, gen, size_k, offset_k, count(batch.global_size))
         if isinstance(cond, Tensor):
             mask = torch.isin(cond, torch.as_tensor(self.partition[k], device=cond.device))
             cond = cond[mask]
@@ -280,10 +304,23 @@ class MSD(Method):
             path.write_text(json.dumps(record, indent=2))
         if is_main:
             print(f"msd: {self.num_students} students, partition {self.config.partition!r} "
-                  f"(saved in {path}):\n{format_partition(self.partition)}", flush=True)
+                  f"(saved in {path}):\n{self.describe_partition()}", flush=True)
+
+    def describe_partition(self) -> str:
+        """The printed table: each student's classes, or its number of prompts and a few of them."""
+        if self.text_partition is None:
+            return format_partition(self.partition)
+        lines = ["student | prompts", "---|---"]
+        for k, g in enumerate(self.prompt_groups):
+            shown = "; ".join(repr(p) for p in g[:3]) + ("; ..." if len(g) > 3 else "")
+            lines.append(f"{k} | {len(g)}: {shown}")
+        return "\n".join(lines)
 
     def partition_record(self) -> dict[str, Any]:
-        """What ``msd_partition.json`` holds: the kind, seed and groups, and each label's student."""
+        """What ``msd_partition.json`` holds: the kind, seed and groups, and each label's student (text: the
+        PCA tree that routes prompts and each student's training prompts)."""
+        if self.text_partition is not None:
+            return {**self.text_partition.to_json(), "partition": "pca", "groups": self.prompt_groups}
         member_of = {c: k for k, g in enumerate(self.partition) for c in g}
         return {"type": "classes", "partition": self.config.partition, "seed": self.config.partition_seed,
                 "num_students": self.num_students, "groups": self.partition,
@@ -297,11 +334,11 @@ class MSD(Method):
         return {"msd_stage": float(STAGES.index(self.stage(self._next_step)))}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"partition": self.partition}
+        return {"partition": self.partition if self.text_partition is None else self.prompt_groups}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         saved = state.get("partition")
-        if saved is not None and saved != self.partition:
+        if saved is not None and saved != self.extra_state()["partition"]:
             raise UserError(f"the checkpoint was trained with groups {saved}, this config gives {self.partition}: "
                             "resume with the run's own msd settings")
 
@@ -315,8 +352,6 @@ class MSD(Method):
         from ..training.build import load_teacher_for
 
         c: MSDConfig = cfg.method_config
-        if cfg.data.name == "prompts":
-            raise UserError(_TEXT_MISSING)
         if c.num_students < 1:
             raise UserError(f"msd.num_students must be >= 1, got {c.num_students}")
         micro = cfg.train.batch_size // max(cfg.train.grad_accum, 1)
@@ -325,27 +360,54 @@ class MSD(Method):
                             f"train.batch_size={cfg.train.batch_size} / train.grad_accum={cfg.train.grad_accum}")
         teacher = load_teacher_for(cfg, device)
         den = teacher.denoiser
+        text: dict[str, Any] = {}
         if getattr(den, "is_text", False):
-            raise UserError(_TEXT_MISSING)
-        if not den.num_classes:
+            groups, text = text_partition(cfg, teacher, c.num_students)
+        elif c.partition == "pca" or cfg.data.name == "prompts":
+            raise UserError("msd.partition=pca and data.name=prompts are for text teachers; this teacher takes "
+                            "class labels: use sequential, kmeans or random")
+        elif not den.num_classes:
             raise UserError("msd partitions class labels, but the teacher is not class-conditional")
-        embeddings = class_embedding_table(den) if c.partition == "kmeans" else None
-        groups = class_partition(den.num_classes, c.num_students, c.partition, c.partition_seed, embeddings)
+        else:
+            embeddings = class_embedding_table(den) if c.partition == "kmeans" else None
+            groups = class_partition(den.num_classes, c.num_students, c.partition, c.partition_seed, embeddings)
         if cfg.student.steps < 1:
             raise UserError(f"student.steps must be >= 1, got {cfg.student.steps}")
         levels = cfg.student.levels or timestep_levels(den.sigma_grid(), cfg.student.steps)
         students = []
-        for _ in groups:
+        for _ in range(c.num_students):
             try:
                 net = build_student_net(den, cfg.student.kind, cfg.student.lora_rank, small=cfg.student.small)
             except (ValueError, TypeError) as e:
                 raise UserError(f"cannot build the {cfg.student.kind!r} student: {e}") from None
             students.append(Student(net.to(device=device, dtype=torch.float32), levels, cfg.student.renoise))
-        return cls(den, students, groups, c, optim, cfg.train.steps), teacher
+        return cls(den, students, groups, c, optim, cfg.train.steps, **text), teacher
 
 
-_TEXT_MISSING = ("msd on text prompts is not available yet: diffdistill.partitions.PCAPartition splits pooled prompt "
-                 "embeddings, but the student artefact's router sends class labels only")
+def text_partition(cfg: Any, teacher: Any, k: int) -> tuple[PCAPartition, dict[str, Any]]:
+    """Encode the run's prompt file once and split the pooled embeddings into ``k`` balanced PCA groups.
+
+    Returns the partition and the MSD keyword arguments ``prompt_groups`` / ``encode``."""
+    from ..data import PromptDataset
+
+    if cfg.method_config.partition != "pca":
+        raise UserError(f"msd on a text teacher partitions prompts: set msd.partition=pca "
+                        f"(got {cfg.method_config.partition!r}, a class-label partition)")
+    if cfg.data.name != "prompts":
+        raise UserError("msd on a text teacher draws each student's prompts from a prompt file: set "
+                        "data.name=prompts and data.path to a file with one prompt per line")
+    prompts = list(PromptDataset(cfg.data.path))
+    with torch.no_grad():
+        pooled = torch.cat([pooled_text_embedding(teacher.encode_prompts(prompts[i:i + 64])).cpu()
+                            for i in range(0, len(prompts), 64)])
+    part = PCAPartition.fit(pooled, k)
+    route = part.route(pooled)
+    groups = [[p for p, r in zip(prompts, route.tolist()) if r == j] for j in range(k)]
+    empty = [j for j, g in enumerate(groups) if not g]
+    if empty:
+        raise UserError(f"the prompt partition left student {empty[0]} without prompts ({len(prompts)} prompts, "
+                        f"{len(set(prompts))} distinct, msd.num_students={k}): give more distinct prompts")
+    return part, {"prompt_groups": groups, "encode": teacher.encode_prompts}
 
 
 def class_embedding_table(denoiser: Denoiser) -> Tensor:
@@ -361,17 +423,30 @@ def class_embedding_table(denoiser: Denoiser) -> Tensor:
     return found[0].weight.detach()[:n].float().cpu()
 
 
-def _validate(cfg: MSDConfig, teacher: Denoiser, students: Sequence[Student], groups: Sequence[Sequence[int]],
-              optim: OptimConfig) -> None:
+def _validate(cfg: MSDConfig, teacher: Denoiser, students: Sequence[Student],
+              groups: "Sequence[Sequence[int]] | PCAPartition", optim: OptimConfig,
+              prompt_groups: Optional[Sequence[Sequence[str]]], encode: Optional[Callable]) -> None:
     """Reject impossible settings with one clear line (DMD2's own keys are checked by each student's DMD2)."""
-    if cfg.partition not in PARTITION_KINDS:
-        raise UserError(f"unknown msd.partition {cfg.partition!r}; choose {', '.join(PARTITION_KINDS)}")
-    if not teacher.num_classes:
-        raise UserError("msd partitions class labels, but the teacher is not class-conditional")
-    if cfg.num_students != len(students) or len(students) != len(groups):
+    if isinstance(groups, PCAPartition):
+        if cfg.partition != "pca":
+            raise UserError(f"a text partition needs msd.partition=pca, got {cfg.partition!r}")
+        if prompt_groups is None or encode is None or len(prompt_groups) != len(students):
+            raise UserError("msd on text needs each student's training prompts and the teacher's text encoder")
+        if any(not g for g in prompt_groups):
+            raise UserError("every msd student needs at least one prompt")
+        n_groups = groups.num_students
+    else:
+        if cfg.partition not in PARTITION_KINDS:
+            raise UserError(f"unknown msd.partition {cfg.partition!r}; choose {', '.join(PARTITION_KINDS)} "
+                            "(pca: text teachers)")
+        if not teacher.num_classes:
+            raise UserError("msd partitions class labels, but the teacher is not class-conditional")
+        n_groups = len(groups)
+    if cfg.num_students != len(students) or len(students) != n_groups:
         raise UserError(f"msd.num_students={cfg.num_students} but got {len(students)} students and "
-                        f"{len(groups)} groups")
-    check_partition(groups, teacher.num_classes)
+                        f"{n_groups} groups")
+    if not isinstance(groups, PCAPartition):
+        check_partition(groups, teacher.num_classes)
     if cfg.tsm_weighting not in ("edm", "eps"):
         raise UserError(f"msd.tsm_weighting must be 'edm' or 'eps', got {cfg.tsm_weighting!r}")
     if cfg.tsm_steps < 0:
