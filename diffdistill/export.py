@@ -399,6 +399,9 @@ def _export_routed(art: Any, folder: Path, dest: Path, checkpoint: str, source: 
     from .teachers.vp import VPUNetDenoiser
 
     spec, model = art.spec, art.model
+    if getattr(model, "text_partition", None) is not None:
+        raise UserError("students routed by prompt (MSD on a text teacher) cannot be exported as a diffusers folder "
+                        "yet; sample them with diffdistill sample --checkpoint RUN --prompts FILE")
     names = [m["name"] for m in spec["members"]]
     latent = art.components is not None and art.components.vae is not None
     parts, levels, sched_name = [], None, None

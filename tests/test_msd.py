@@ -312,6 +312,11 @@ def test_text_msd_trains_routes_prompts_by_their_group_and_reloads(tmp_path):
                 model.members[1](z[:2], TextCond(cond.embeds[:2]))).abs().max() > 1e-4
     with pytest.raises(ValueError, match="routed by prompt"):
         model(z[:1], torch.tensor([0]))
+    from diffdistill.export import export_generator
+
+    with pytest.raises(UserError, match="routed by prompt .* cannot be exported"):
+        export_generator(str(run), str(tmp_path / "exp"))
+    assert not (tmp_path / "exp").exists()
 
 
 def test_text_msd_config_errors_are_one_line(tmp_path):
