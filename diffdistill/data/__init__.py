@@ -7,11 +7,12 @@ strings. Each has ``num_classes``, ``channels``, ``resolution`` and ``sample_sha
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import Any, Optional
 
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from .digits_text import CaptionedDigitsDataset
 from .images import DigitsDataset, ImageFolderDataset
 from .other import PromptDataset, Toy2DDataset
 
@@ -21,8 +22,8 @@ DATASETS = ("digits", "folder", "toy2d", "prompts")
 def build_dataset(data_cfg: Any, split: str = "all") -> Dataset:
     """The dataset a :class:`diffdistill.config.DataConfig` names (``split`` applies to digits only)."""
     name = data_cfg.name
-    if name == "digits":
-        return DigitsDataset(data_cfg.resolution, split, data_cfg.channels or 1)
+    if name == "digits":  # with captions (digits_text): text teachers condition on them, class teachers on labels
+        return CaptionedDigitsDataset(data_cfg.resolution, split, data_cfg.channels or 1)
     if name == "toy2d":
         return Toy2DDataset()
     if name in ("folder", "prompts") and not data_cfg.path:
@@ -37,4 +38,14 @@ def build_dataset(data_cfg: Any, split: str = "all") -> Dataset:
     raise UserError(f"unknown data.name {name!r}{hint} (choose {', '.join(DATASETS)})")
 
 
-__all__ = ["DigitsDataset", "ImageFolderDataset", "Toy2DDataset", "PromptDataset", "build_dataset", "DATASETS"]
+def training_prompts(data_cfg: Any) -> Optional[list[str]]:
+    """The text conditions of ``data_cfg``: a prompt file's lines, or a captioned image folder's captions (one per
+    image, so repeated captions keep their frequency); ``None`` for data without text."""
+    if data_cfg.name == "prompts":
+        return list(build_dataset(data_cfg))
+    if data_cfg.name == "folder":
+        return build_dataset(data_cfg).captions
+    return None
+
+
+__all__ = ["training_prompts", "DigitsDataset", "ImageFolderDataset", "Toy2DDataset", "PromptDataset", "build_dataset", "DATASETS"]

@@ -2,12 +2,24 @@
 
 Every image dataset yields ``(image, label)``: ``image`` a float32 ``[C, H, W]`` tensor in [-1, 1] and
 ``label`` a 0-dim LongTensor (``-1`` when the data is unlabelled). Attributes ``num_classes``
-(``None`` when unlabelled), ``channels``, ``resolution`` and ``sample_shape`` describe the data.
+(``None`` when unlabelled), ``channels``, ``resolution`` and ``sample_shape`` describe the data;
+``captions`` is the list of each image's caption for captioned data (``None`` otherwise).
+
+Captioned folders follow the conventions users already have:
+
+- ``metadata.jsonl`` at the folder's top (Hugging Face ``imagefolder``): one JSON object per line with
+  ``file_name`` (relative to the folder) and ``text``; other keys are ignored;
+- sidecar captions: ``cat.png`` + ``cat.txt`` (UTF-8, the whole file is the caption), as kohya / SD
+  fine-tuning scripts use.
+
+When a folder has ``metadata.jsonl``, ``.txt`` files are not read. Every image needs exactly one non-empty
+caption and every caption an image: a missing, empty, duplicated or orphan caption is one error line.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -118,6 +130,7 @@ class ImageFolderDataset(Dataset):
                 raise UserError(f"image {p} has {_channels_of(mode)} channel(s) but {first.name} has {expected}; "
                                 "set data.channels (1 or 3) to convert every image")
         self.files = files
+        self.captions: Optional[list[str]] = read_captions(root, files)
         self.num_classes = len(self.class_names) or None
         self.channels = expected
         self.resolution = resolution
@@ -149,3 +162,64 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         return self.load(i), self.labels[i]
+
+
+def read_captions(root: Path, files: list[Path]) -> Optional[list[str]]:
+    """The caption of each of ``files`` from ``root/metadata.jsonl`` or sidecar ``.txt`` files; ``None`` when
+    the folder has neither. Anything inconsistent is a :class:`UserError` naming the file."""
+    meta = root / "metadata.jsonl"
+    if meta.is_file():
+        return _jsonl_captions(meta, root, files)
+    sidecars = {p.with_suffix(""): p for p in root.rglob("*.txt") if p.is_file()}
+    if not sidecars:
+        return None
+    images = {p.with_suffix(""): p for p in files}
+    orphans = sorted(set(sidecars) - set(images))
+    if orphans:
+        raise UserError(f"caption {sidecars[orphans[0]]} has no image next to it (same name, an image extension)")
+    captions = []
+    for p in files:
+        txt = sidecars.get(p.with_suffix(""))
+        if txt is None:
+            raise UserError(f"image {p} has no caption: the folder uses sidecar captions, so add {p.with_suffix('.txt')}")
+        try:
+            text = txt.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise UserError(f"caption {txt} is not UTF-8 text") from None
+        if not text:
+            raise UserError(f"caption {txt} is empty")
+        captions.append(text)
+    return captions
+
+
+def _jsonl_captions(meta: Path, root: Path, files: list[Path]) -> list[str]:
+    by_name: dict[str, str] = {}
+    image_names = {p.relative_to(root).as_posix() for p in files}
+    try:
+        lines = meta.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{meta} is not UTF-8 text") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{meta} line {n} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or "file_name" not in row or "text" not in row:
+            raise UserError(f"{meta} line {n} needs \"file_name\" and \"text\" keys")
+        name, text = str(row["file_name"]).replace("\\", "/"), row["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{meta} line {n} has an empty caption for {name}")
+        if name in by_name:
+            raise UserError(f"{meta} line {n} captions {name} a second time")
+        if name not in image_names:
+            raise UserError(f"{meta} line {n} names {name}, which is not an image in {root}")
+        by_name[name] = text.strip()
+    captions = []
+    for p in files:
+        name = p.relative_to(root).as_posix()
+        if name not in by_name:
+            raise UserError(f"image {p} has no caption in {meta} (add a line with \"file_name\": \"{name}\")")
+        captions.append(by_name[name])
+    return captions

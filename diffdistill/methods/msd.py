@@ -65,7 +65,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -74,10 +74,11 @@ from ..denoiser import Denoiser, TextCond, append_dims, cond_to
 from ..errors import UserError
 from ..partitions import (PARTITION_KINDS, PCAPartition, check_partition, class_partition, format_partition,
                           pooled_text_embedding)
+from ..schema import Count, PositiveFloat, PositiveInt
 from ..seeding import mix_seed
 from ..students import RoutedStudent, Student
 from .base import Batch, Method, OptimConfig, StepOutput
-from .dmd2 import DMD2, DMD2Config, fake_score_loss
+from .dmd2 import DMD2, DMD2Config, fake_score_loss, load_initial_weights
 
 PARTITION_FILE = "msd_partition.json"  # run-level record of the groups, written once by the main process
 STAGES = ("tsm", "dm", "gan")
@@ -87,16 +88,16 @@ STAGES = ("tsm", "dm", "gan")
 class MSDConfig(DMD2Config):
     """The ``msd:`` config section: every DMD2 key (applied to each student) plus the MSD keys below."""
 
-    num_students: int = 4  # K; the paper's ImageNet-64 result (FID 1.20) uses 4 same-size students
+    num_students: PositiveInt = 4  # K; the paper's ImageNet-64 result (FID 1.20) uses 4 same-size students
     # class labels: sequential (paper's best) | kmeans (teacher class embeddings) | random;
     # text prompts: pca (balanced cuts of pooled prompt embeddings along principal components)
-    partition: str = "sequential"
-    partition_seed: int = 0  # seed of the kmeans initialisation and of the random partition
-    tsm_steps: int = 0  # Teacher Score Matching iterations before DM (small students: the paper's first stage)
+    partition: Literal["sequential", "kmeans", "random", "pca"] = "sequential"
+    partition_seed: Count = 0  # seed of the kmeans initialisation and of the random partition
+    tsm_steps: Count = 0  # Teacher Score Matching iterations before DM (small students: the paper's first stage)
     # TSM's lambda(s) [paper: unstated]: 'edm' 1/s^2 + 1/sd^2 keeps the top levels, where a one-step student is
     # evaluated, in the loss; 'eps' 1/s^2 (eps-MSE) gives sigma_max = 157 a weight of 4e-5
-    tsm_weighting: str = "edm"
-    tsm_lr: Optional[float] = None  # lr of the TSM stage (None: the generator's lr)
+    tsm_weighting: Literal["edm", "eps"] = "edm"
+    tsm_lr: Optional[PositiveFloat] = None  # lr of the TSM stage (None: the generator's lr)
 
 
 class _StudentDMD2(DMD2):
@@ -144,6 +145,7 @@ class MSD(Method):
         self.prompt_groups = [list(g) for g in prompt_groups] if prompt_groups is not None else None
         self.encode = encode
         dmd_config = DMD2Config(**{f.name: getattr(config, f.name) for f in dataclasses.fields(DMD2Config)})
+        dmd_config.init_from = ""  # loaded below, under MSD's network names (student_k, fake_score_k, ...)
         self.members: list[DMD2] = []
         for k, student in enumerate(students):
             fake = fake_scores[k] if fake_scores is not None else None
@@ -164,6 +166,8 @@ class MSD(Method):
             for k, m in enumerate(copies):
                 self.add_network(f"tsm_{k}", m.net, lr=config.tsm_lr if config.tsm_lr is not None else self.optim.lr)
         self._next_step = 0
+        if config.init_from:
+            load_initial_weights(self.nets, config.init_from, self.name)
 
     @property
     def num_students(self) -> int:
@@ -388,15 +392,19 @@ def text_partition(cfg: Any, teacher: Any, k: int) -> tuple[PCAPartition, dict[s
     """Encode the run's prompt file once and split the pooled embeddings into ``k`` balanced PCA groups.
 
     Returns the partition and the MSD keyword arguments ``prompt_groups`` / ``encode``."""
-    from ..data import PromptDataset
+    from ..data import training_prompts
 
     if cfg.method_config.partition != "pca":
         raise UserError(f"msd on a text teacher partitions prompts: set msd.partition=pca "
                         f"(got {cfg.method_config.partition!r}, a class-label partition)")
-    if cfg.data.name != "prompts":
-        raise UserError("msd on a text teacher draws each student's prompts from a prompt file: set "
-                        "data.name=prompts and data.path to a file with one prompt per line")
-    prompts = list(PromptDataset(cfg.data.path))
+    if cfg.method_config.gan:
+        raise UserError("msd on a text teacher trains without the GAN (its real images would have to be routed by "
+                        "caption): set msd.gan=false")
+    prompts = training_prompts(cfg.data)
+    if not prompts:
+        raise UserError("msd on a text teacher draws each student's prompts from the data: use data.name=prompts "
+                        "(one prompt per line) or a captioned image folder (metadata.jsonl or .txt captions)")
+    prompts = list(dict.fromkeys(prompts))  # each distinct prompt once: the partition splits prompts, not images
     with torch.no_grad():
         pooled = torch.cat([pooled_text_embedding(teacher.encode_prompts(prompts[i:i + 64])).cpu()
                             for i in range(0, len(prompts), 64)])

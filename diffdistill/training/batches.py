@@ -106,10 +106,15 @@ class BatchSource:
             idx = self.global_indices(step, len(self.prompts))[part]
             cond = self.teacher.encode_prompts([self.prompts[int(i)] for i in idx])
         if self.dataset is not None:
-            images, labels = self._load(self.global_indices(step, len(self.dataset))[part])
+            idx = self.global_indices(step, len(self.dataset))[part]
+            images, labels = self._load(idx)
             images = images.to(self.device, torch.float32)
             if self.teacher is not None:
                 images = self.teacher.encode_images(images)
+            captions = getattr(self.dataset, "captions", None)
+            if cond is None and captions is not None and getattr(self.teacher, "text_encoders", None):
+                # captioned images: each real image's own caption conditions it (and the generator's sample)
+                cond = self.teacher.encode_prompts([captions[int(i)] for i in idx])
             if self.num_classes and cond is None:
                 if (labels < 0).any():
                     raise UserError("the model is class-conditional but the dataset has no labels "
@@ -121,3 +126,32 @@ class BatchSource:
             cond = torch.randint(self.num_classes, (self.global_batch,), generator=cpu)[part].to(self.device)
         return Batch(images=images, cond=cond_to(cond, self.device), generator=gen, size=size, offset=offset,
                      global_size=self.global_batch)
+
+
+def check_guidance_has_conditions(cfg: Any, teacher: Optional[Any], dataset: Optional[Any],
+                                  prompts: Optional[list[str]]) -> None:
+    """Classifier-free guidance needs a condition to guide towards: refuse a run that asks for guidance
+    (``teacher.guidance_scale``, the method's ``guidance_scale`` or ``guidance_range``) when the samples have
+    none — a text teacher trained on an image folder without captions and without a prompt file, or an
+    unconditional teacher. Without this check the guided terms would silently be unguided (CFG of the empty
+    prompt against itself)."""
+    mc = getattr(cfg, "method_config", None)
+    asked = {"teacher.guidance_scale": cfg.teacher.guidance_scale}
+    if mc is not None and hasattr(mc, "guidance_scale"):
+        asked[f"{cfg.method}.guidance_scale"] = mc.guidance_scale
+    rng = getattr(mc, "guidance_range", None)
+    guided = [f"{k}={v}" for k, v in asked.items() if v is not None and float(v) != 1.0]
+    if rng is not None and any(float(w) != 1.0 for w in rng):
+        guided.append(f"{cfg.method}.guidance_range={list(rng)}")
+    if not guided or teacher is None or teacher.denoiser is None:
+        return
+    den = teacher.denoiser
+    if getattr(den, "is_text", False):
+        if prompts is not None or getattr(dataset, "captions", None) is not None:
+            return
+        raise UserError(f"guidance is asked for ({', '.join(guided)}) but the text teacher gets no prompts: the "
+                        f"{cfg.data.name} data has no captions; add metadata.jsonl (file_name, text) or a .txt next "
+                        "to each image, or use data.name=prompts, or set the guidance scale to 1")
+    if not den.num_classes:
+        raise UserError(f"guidance is asked for ({', '.join(guided)}) but the teacher is unconditional: "
+                        "set the guidance scale to 1")
