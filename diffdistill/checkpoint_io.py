@@ -53,6 +53,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return ck
 
 
+def incomplete_checkpoint(path: str | Path) -> Optional[str]:
+    """Why ``path`` cannot be read as a checkpoint, when it is a checkpoint folder without ``meta.json`` or a run
+    folder whose checkpoint folders all lack it; ``None`` for anything else (e.g. a teacher folder)."""
+    p = Path(path)
+    looks_like_step = (p.name.startswith("step-") and p.parent.name == CKPT_DIR) or (p / "optimizers.pt").is_file()
+    if looks_like_step and not (p / "meta.json").is_file():
+        return (f"checkpoint folder {p} has no meta.json: it is incomplete or damaged (its run was stopped while "
+                "writing it, or the file was removed); use another checkpoint of the run")
+    root = p / CKPT_DIR
+    if root.is_dir() and not (p / "teacher").is_dir() and latest_checkpoint(p) is None:
+        steps = sorted(x for x in root.iterdir() if x.is_dir() and x.name.startswith("step-"))
+        if steps:
+            return f"run folder {p} holds no complete checkpoint: {steps[-1]} has no meta.json"
+        return f"run folder {p} holds no checkpoint yet ({root} is empty)"
+    return None
+
+
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file; a missing or corrupt file is a one-line :class:`UserError`."""
     from safetensors import SafetensorError
@@ -69,6 +86,13 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def load_network(net: torch.nn.Module, path: Path) -> None:
     """Load weights strictly: every key must match, or a :class:`UserError` names the mismatch."""
     state = load_safetensors(path)
+    own = net.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if wrong:  # load_state_dict would raise one line per tensor: name the first and count them
+        k = wrong[0]
+        raise UserError(f"{path} does not match the network: {len(wrong)} tensor(s) have other shapes, e.g. {k} "
+                        f"{tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the network (another "
+                        "architecture)")
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{path} does not match the network: missing {list(missing)[:3]}, "

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
@@ -53,6 +54,7 @@ from torch import Tensor
 from ..denoiser import CFGDenoiser, Cond, Denoiser, append_dims, as_sigma_batch, cond_cat
 from ..errors import UserError
 from ..schedules import karras_sigmas
+from ..schema import Interval, NonNegFloat, PositiveFloat, PositiveInt
 from ..students import Student
 from .base import Batch, Method, OptimConfig, StepOutput
 
@@ -61,17 +63,20 @@ from .base import Batch, Method, OptimConfig, StepOutput
 class BootConfig:
     """The ``boot:`` section of a run config."""
 
-    beta: float = 0.1  # weight of the boundary loss L_BC (unpublished; 0.1 in a public port)
-    guidance_scale: float = 1.0  # CFG scale of the teacher, baked into the student (1 = plain conditional)
-    grid: str = "teacher"  # levels t and s come from: teacher (its own grid) | karras | loguniform
-    grid_size: int = 1000  # levels of karras / loguniform grids, and of 'teacher' for continuous teachers
-    delta: int | None = None  # step t -> s in grid indices; None: round(delta_ratio * (N - 1)), N = grid length
-    delta_ratio: float = 0.02  # step as a fraction of the grid (20 of 1000 timesteps); used when delta is None
-    time_sampling: str = "uniform"  # uniform over grid indices (paper) | lognormal (EDM p_mean/p_std, snapped)
+    beta: NonNegFloat = 0.1  # weight of the boundary loss L_BC (unpublished; 0.1 in a public port)
+    guidance_scale: NonNegFloat = 1.0  # CFG scale of the teacher, baked into the student (1 = plain conditional)
+    # levels t and s come from: teacher (its own grid) | karras | loguniform
+    grid: Literal["teacher", "karras", "loguniform"] = "teacher"
+    grid_size: PositiveInt = 1000  # levels of karras / loguniform grids, and of 'teacher' for continuous teachers
+    delta: PositiveInt | None = None  # step t -> s in grid indices; None: round(delta_ratio * (N - 1)), N = grid length
+    # step as a fraction of the grid (20 of 1000 timesteps); used when delta is None
+    delta_ratio: Annotated[float, Interval(gt=0, lt=1)] = 0.02
+    # uniform over grid indices (paper) | lognormal (EDM p_mean/p_std, snapped)
+    time_sampling: Literal["uniform", "lognormal"] = "uniform"
     p_mean: float = -1.2  # lognormal time sampling: mean of log sigma
-    p_std: float = 1.2  # lognormal time sampling: std of log sigma
-    weighting: str = "inv_d2"  # L_BS weight: inv_d2 (1/d^2, paper) | none
-    net_sigma_min: float | None = 1.0  # level the net is evaluated at for s_min (time map); None: tau(s) = s
+    p_std: PositiveFloat = 1.2  # lognormal time sampling: std of log sigma
+    weighting: Literal["inv_d2", "none"] = "inv_d2"  # L_BS weight: inv_d2 (1/d^2, paper) | none
+    net_sigma_min: PositiveFloat | None = 1.0  # level the net is evaluated at for s_min (time map); None: tau(s) = s
 
 
 class BootStudent(Student):

@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from ..checkpoint_io import load_safetensors
 from ..denoiser import CFGDenoiser, Denoiser
 from ..errors import UserError
+from ..schema import Count, Fraction, PositiveInt
 from ..students import Student
 from .base import Batch, OptimConfig, StepOutput
 from .dmd2 import DMD2, DMD2Config
@@ -84,12 +85,12 @@ FORMAT = 1
 class DisBackConfig(DMD2Config):
     """The ``disback:`` section: every ``dmd2:`` key (stage 2 is DMD2) plus the path's own."""
 
-    num_nodes: int = 10  # N: targets N-1 .. 0 (0 = the teacher); node N, the path's end, starts the fake score
-    degradation_steps: int = 1000  # D: stage-1 iterations; node k is the fake score after k*D//N of them
-    interval: int = 1000  # stage-2 iterations per target node before switching to the previous one
+    num_nodes: PositiveInt = 10  # N: targets N-1 .. 0 (0 = the teacher); node N, the path's end, starts the fake score
+    degradation_steps: Count = 1000  # D: stage-1 iterations; node k is the fake score after k*D//N of them
+    interval: PositiveInt = 1000  # stage-2 iterations per target node before switching to the previous one
     # stage 1 runs the fake score's AdamW at this fraction of its lr, so that a fake score tuned to track a
     # moving generator (large lr) does not degrade in a handful of steps and crowd every node at the path's end
-    degradation_lr_scale: float = 1.0
+    degradation_lr_scale: Fraction = 1.0
     path_from: str = ""  # a run folder whose recorded path to walk (skips stage 1); "" records this run's own
 
 

@@ -19,12 +19,13 @@ copy``); iCT never evaluates it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
 from ..denoiser import Denoiser
 from ..errors import UserError
+from ..schema import PositiveFloat, PositiveInt, Probability
 from ..students import Student
 from .base import Batch, Method, OptimConfig, StepOutput
 from .consistency import (LOSSES, ConsistencyDenoiser, consistency_distance, draw_seed, fixed_rng, ict_num_levels,
@@ -33,20 +34,23 @@ from .consistency import (LOSSES, ConsistencyDenoiser, consistency_distance, dra
 
 @dataclass
 class ICTConfig:
-    sigma_min: float = 0.002  # boundary level: f(x, s_min) = x
-    sigma_max: float = 80.0  # largest level; one-step sampling is f(s_max z, s_max)
-    rho: float = 7.0  # Karras grid exponent
-    sigma_data: Optional[float] = None  # sd in c_skip / c_out (paper 0.5); None: the student's own sigma_data
-    s0: int = 10  # curriculum: initial number of discretisation intervals
-    s1: int = 1280  # curriculum: final number of discretisation intervals
+    sigma_min: PositiveFloat = 0.002  # boundary level: f(x, s_min) = x
+    sigma_max: PositiveFloat = 80.0  # largest level; one-step sampling is f(s_max z, s_max)
+    rho: PositiveFloat = 7.0  # Karras grid exponent
+    sigma_data: Optional[PositiveFloat] = None  # sd in c_skip / c_out (paper 0.5); None: the student's own sigma_data
+    s0: PositiveInt = 10  # curriculum: initial number of discretisation intervals
+    s1: PositiveInt = 1280  # curriculum: final number of discretisation intervals
     p_mean: float = -1.1  # lognormal level distribution: mean of ln sigma (Pm)
-    p_std: float = 2.0  # lognormal level distribution: std of ln sigma (Ps)
-    loss: str = "huber"  # huber (iCT, whole-sample pseudo-Huber) | huber_elementwise (PCM) | mse
-    huber_c: Optional[float] = None  # pseudo-Huber c; None: 0.00054 sqrt(dim) (0.03 on CIFAR-10)
-    dropout: Optional[float] = None  # p of every nn.Dropout in the student (0.3 CIFAR-10, 0.2 ImageNet); None: keep
-    optimizer: str = "radam"  # radam (paper: RAdam, lr 1e-4, betas 0.9/0.999) | adamw (the framework default)
+    p_std: PositiveFloat = 2.0  # lognormal level distribution: std of ln sigma (Ps)
+    # huber (iCT, whole-sample pseudo-Huber) | huber_elementwise (PCM) | mse
+    loss: Literal["huber", "huber_elementwise", "mse"] = "huber"
+    huber_c: Optional[PositiveFloat] = None  # pseudo-Huber c; None: 0.00054 sqrt(dim) (0.03 on CIFAR-10)
+    # p of every nn.Dropout in the student (0.3 CIFAR-10, 0.2 ImageNet); None: keep
+    dropout: Optional[Probability] = None
+    # radam (paper: RAdam, lr 1e-4, betas 0.9/0.999) | adamw (the framework default)
+    optimizer: Literal["radam", "adamw"] = "radam"
     # multistep sampling levels after s_max (paper's CIFAR-10 two-step: 0.821)
-    taus: list[float] = field(default_factory=lambda: [0.821])
+    taus: list[PositiveFloat] = field(default_factory=lambda: [0.821])
 
 
 class ICT(Method):

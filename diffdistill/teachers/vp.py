@@ -29,6 +29,20 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
 
+def unet_config_keys(unet_class: Optional[str] = None) -> list[str]:
+    """The config keys (constructor arguments) of ``unet_class``, or of every class in ``UNET_CLASSES``:
+    what a small student's ``student.small`` overrides and ``dsm.unet`` may set."""
+    import inspect
+
+    import diffusers
+
+    keys: set[str] = set()
+    for name in ([unet_class] if unet_class else UNET_CLASSES):
+        params = inspect.signature(getattr(diffusers, name).__init__).parameters
+        keys |= {k for k, p in params.items() if k != "self" and p.kind is not p.VAR_KEYWORD}
+    return sorted(keys)
+
+
 def ddpm_from_config(scheduler: Any):
     """A ``DDPMScheduler`` with the betas of any DDPM-compatible scheduler (or its config dict)."""
     import inspect
@@ -219,6 +233,13 @@ class VPUNetDenoiser(Denoiser):
         unet_cls = spec["unet_class"]
         if unet_cls not in UNET_CLASSES:
             raise ValueError(f"unsupported UNet class {unet_cls!r}")
+        unknown = sorted(set(overrides) - set(unet_config_keys(unet_cls)))
+        if unknown:  # diffusers' from_config would drop them with a warning and build the full-size network
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], unet_config_keys(unet_cls), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"{unet_cls} has no config key '{unknown[0]}'{hint}")
         config = dict(spec["unet_config"])
         n_blocks = len(config.get("down_block_types", ()))
         if "block_out_channels" in overrides and "down_block_types" not in overrides and n_blocks:
