@@ -10,7 +10,10 @@ also through a DDP wrapper, whose forward must run for the backbone's gradients 
   the UNet's mid-block output ``[B, C, h, w]``);
 - any other network with a submodule named ``mid_block``: its output;
 - :class:`~diffdistill.denoiser.EDMPrecond` around an MLP (toy networks): the input of the last
-  ``nn.Linear``, i.e. the last hidden activation ``[B, hidden]``.
+  ``nn.Linear``, i.e. the last hidden activation ``[B, hidden]``;
+- a denoiser's own ``feature_module()`` / ``bottleneck_shape()`` (EDM's SongUNet / ADM,
+  :class:`~diffdistill.teachers.edm.EDMNetDenoiser`: the encoder's output ``[B, C, h, w]``, the official
+  ``return_bottleneck``).
 
 :func:`bottleneck_features` ends the forward pass at the bottleneck (a UNet's decoder never runs), as the
 official GAN branch does; :func:`denoise_with_features` returns ``x0`` and the features of a full pass.
@@ -31,9 +34,13 @@ from ..denoiser import Cond, Denoiser, EDMPrecond, TextCond
 def feature_module(denoiser: nn.Module) -> tuple[Optional[nn.Module], str]:
     """The submodule whose activations are the bottleneck features, and how to read them.
 
-    Returns ``(module, "output")`` for a UNet ``mid_block``, ``(last_linear, "input")`` for an
-    EDM-preconditioned MLP, ``(None, "")`` when neither exists.
+    Returns the denoiser's own ``feature_module()`` when it has one (EDM networks: the encoder's output),
+    ``(module, "output")`` for a UNet ``mid_block``, ``(last_linear, "input")`` for an EDM-preconditioned MLP,
+    ``(None, "")`` when none exists.
     """
+    own = getattr(denoiser, "feature_module", None)
+    if callable(own):
+        return own()
     for name, module in denoiser.named_modules():
         if name.split(".")[-1] == "mid_block":
             return module, "output"
@@ -144,6 +151,9 @@ def feature_shape(denoiser: Denoiser) -> tuple[int, ...]:
     Read from a diffusers UNet's config where possible (no forward pass: SDXL on a CPU takes a while),
     else from one probing evaluation of a single zero sample at sigma 1.
     """
+    own = getattr(denoiser, "bottleneck_shape", None)
+    if callable(own):  # EDM networks know it from their architecture
+        return tuple(own())
     module, _ = feature_module(denoiser)
     if module is not None:
         for m in denoiser.modules():
