@@ -213,7 +213,7 @@ def test_clip_score_loads_local_weights_and_records_recipe(tiny_clip):
 def test_cli_eval_clip(tiny_clip, tmp_path, monkeypatch):
     config, weights, _ = tiny_clip
     gen = FakeDigitsGenerator()
-    monkeypatch.setattr(diffdistill, "load_generator", lambda path: gen)
+    monkeypatch.setattr(diffdistill, "load_generator", lambda path, **options: gen)
     (tmp_path / "prompts.txt").write_text("a three\n\na seven\na one\n")
     out = tmp_path / "clip.json"
     base = ["eval", "clip", "--checkpoint", str(tmp_path), "--prompts", str(tmp_path / "prompts.txt"),

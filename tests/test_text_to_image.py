@@ -17,6 +17,7 @@ from diffdistill.data import build_dataset, training_prompts
 from diffdistill.errors import UserError
 from diffdistill.training.loop import train
 
+from .test_metrics_eval import tiny_clip  # noqa: F401 (fixture)
 from .test_teachers import sd_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,3 +216,111 @@ def test_unguided_caption_less_folder_still_trains_unconditionally(pipelines, tm
     cfg = _config(pipelines, tmp_path / "run", "tscd", "sd", "plain", "tscd.guidance_range=null",
                   "tscd.guidance_scale=1.0", "teacher.guidance_scale=1.0")
     assert _lora_moved(train(cfg)) > 0
+
+
+def test_sample_and_eval_take_a_guidance_scale_for_teachers_only(pipelines, tmp_path, capsys):
+    from diffdistill.cli import main
+
+    (tmp_path / "p.txt").write_text("a cat\nzebra\n")
+    base = ["sample", "--checkpoint", str(pipelines / "sd"), "--num-samples", "2", "--steps", "2",
+            "--prompts", str(tmp_path / "p.txt")]
+    outs = {}
+    for w in ("1", "4"):
+        assert main(base + ["--out", str(tmp_path / w), "--guidance-scale", w]) == 0
+        outs[w] = np.asarray(Image.open(tmp_path / w / "000000.png"), dtype=np.float32)
+    assert np.abs(outs["1"] - outs["4"]).max() > 0  # guidance changes the teacher's samples
+    run = train(_config(pipelines, tmp_path / "run", "tscd"))
+    capsys.readouterr()
+    cases = [(base[:2] + [str(run)] + base[3:] + ["--out", str(tmp_path / "s"), "--guidance-scale", "2"],
+              "--guidance-scale applies to teachers"),
+             (base[:-2] + ["--out", str(tmp_path / "t"), "--guidance-scale", "2"], "needs --prompts"),
+             (base + ["--out", str(tmp_path / "u"), "--guidance-scale", "-1"], "must be >= 0"),
+             (["eval", "fid", "--checkpoint", str(run), "--num-samples", "4", "--out", str(tmp_path / "f.json"),
+               "--guidance-scale", "3"], "--guidance-scale applies to teachers")]
+    for argv, message in cases:
+        assert main(argv) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+        assert len(errors) == 1 and message in errors[0], (argv, errors)
+
+
+# ------------------------------------------------------------------------------------------------
+# The published recipes, on tiny pipelines
+def _recipe(pipelines, config, out, teacher, *more):
+    return load_config(REPO / config, [
+        f"output_dir={out}", f"teacher.path={pipelines / teacher}", "data.resolution=16", "train.steps=2",
+        "train.batch_size=2", "train.checkpoint_every=2", "train.sample_every=0", "train.log_every=1",
+        "train.mixed_precision=no", "train.warmup_steps=0", *more])
+
+
+def test_sd15_dmd2_two_stages_stage_two_starts_from_stage_one_with_the_gan(pipelines, tmp_path):
+    from diffdistill.training.build import build_method
+    from diffdistill.training.loop import init_from
+
+    (tmp_path / "prompts.txt").write_text("\n".join(CAPTIONS) + "\n")
+    s1 = _recipe(pipelines, "configs/sd15/dmd2.yaml", tmp_path / "s1", "sd", f"data.path={tmp_path / 'prompts.txt'}",
+                 "dmd2.dfake_gen_update_ratio=1")
+    assert (s1.train.lr, s1.method_config.gan) == (1e-5, False)
+    stage1 = train(s1)
+    s2 = _recipe(pipelines, "configs/sd15/dmd2_stage2.yaml", tmp_path / "s2", "sd", f"data.path={pipelines / 'data'}",
+                 f"train.init_from={stage1}", "dmd2.dfake_gen_update_ratio=1")
+    assert (s2.train.lr, s2.method_config.gan, s2.method_config.gan_gen_weight) == (5e-7, True, 1e-3)
+    method, _ = build_method(s2)
+    ck = init_from(s2.train.init_from, method)
+    for name in ("student", "fake_score"):
+        saved = load_file(str(ck / f"{name}.safetensors"))
+        assert all(torch.equal(saved[k], v) for k, v in method.nets[name].state_dict().items())
+    stage2 = train(s2)
+    head = load_file(str(sorted((stage2 / "checkpoints").iterdir())[-1] / "gan_head.safetensors"))
+    assert head  # the GAN head exists and was trained from real captioned latents
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        init_from(str(tmp_path / "nowhere"), method)
+
+
+def test_sdxl_four_step_dmd2_recipe_trains_with_the_gan_on_captioned_latents(pipelines, tmp_path):
+    cfg = _recipe(pipelines, "configs/sdxl/dmd2_4step.yaml", tmp_path / "run", "sdxl", f"data.path={pipelines / 'data'}",
+                  "dmd2.dfake_gen_update_ratio=1")
+    assert cfg.method_config.gan and cfg.method_config.gan_gen_weight == 5e-3 and cfg.student.steps == 4
+    run = train(cfg)
+    spec = json.loads((sorted((run / "checkpoints").iterdir())[-1] / "student" / "student.json").read_text())
+    assert len(spec["members"][0]["levels"]) == 4 and spec["text"] and spec["latent"]
+
+
+def test_eval_clip_scores_a_text_student(pipelines, tmp_path, tiny_clip):
+    from diffdistill.cli import main
+
+    config, weights, _ = tiny_clip
+    run = train(_config(pipelines, tmp_path / "run", "dmd2"))
+    (tmp_path / "p.txt").write_text("a cat\nzebra\nabc\n")
+    out = tmp_path / "clip.json"
+    assert main(["eval", "clip", "--checkpoint", str(run), "--prompts", str(tmp_path / "p.txt"), "--out", str(out),
+                 "--clip-model", str(config), "--clip-weights", str(weights), "--batch-size", "2"]) == 0
+    result = json.loads(out.read_text())
+    assert result["num_samples"] == 3 and 0 <= result["clip_score"] <= 1 and result["nfe"] == 1
+
+
+def test_cached_latents_equal_per_batch_encoding_and_are_keyed_by_content(pipelines, tmp_path, monkeypatch):
+    from diffdistill.data.latents import cached_latents, latent_key
+    from diffdistill.training.batches import BatchSource
+    from diffdistill.training.build import build_method
+
+    monkeypatch.setenv("DIFFDISTILL_CACHE", str(tmp_path / "cache"))
+    cfg = _config(pipelines, tmp_path / "run", "dmd2", "sd", "data", "data.cache_latents=true")
+    _, teacher = build_method(cfg)
+    ds = build_dataset(cfg.data)
+    latents = cached_latents(ds, teacher, torch.device("cpu"))
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    plain = BatchSource(ds, teacher, None, 4, 0, 1, 0, torch.device("cpu"))(3)
+    cached = BatchSource(ds, teacher, None, 4, 0, 1, 0, torch.device("cpu"), latents=latents)(3)
+    assert torch.allclose(plain.images, cached.images, atol=1e-5)
+    assert torch.equal(plain.cond.embeds, cached.cond.embeds)
+    assert torch.equal(cached_latents(ds, teacher, torch.device("cpu")), latents)  # read back from the cache
+    key = latent_key(ds, teacher)
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "zero.png")
+    (tmp_path / "zero.png").replace(ds.files[0])  # one image changes: another key
+    try:
+        assert latent_key(ds, teacher) != key
+    finally:
+        _images(pipelines / "data", 1)  # restore the fixture's first image
+    assert latent_key(ds, teacher) == key
+    run = train(cfg)  # the loop reads the same cache (no second file)
+    assert _lora_moved(run) > 0 and len(list((tmp_path / "cache").iterdir())) == 1

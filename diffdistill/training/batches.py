@@ -45,11 +45,13 @@ class BatchSource:
         seed: ``train.seed``.
         device: where batches go.
         prompts: for text teachers, the list of prompts conditions are drawn from.
+        latents: the dataset's images already encoded by the teacher's VAE (``data.cache_latents``), in
+            dataset order; used instead of loading and encoding each batch.
     """
 
     def __init__(self, dataset: Optional[Any], teacher: Optional[Any], num_classes: Optional[int],
                  global_batch: int, rank: int, world: int, seed: int, device: torch.device,
-                 prompts: Optional[list[str]] = None) -> None:
+                 prompts: Optional[list[str]] = None, latents: Optional[torch.Tensor] = None) -> None:
         micro_batch_size(global_batch, world, 1)
         if dataset is not None and len(dataset) == 0:
             raise UserError("the dataset is empty")
@@ -58,6 +60,7 @@ class BatchSource:
         self.local = global_batch // world
         self.device = device
         self.prompts = prompts
+        self.latents = latents
         # In-memory datasets (digits, toy) expose tensors; gather from them directly.
         self._images = getattr(dataset, "images", None)
         self._labels = getattr(dataset, "labels", None)
@@ -107,10 +110,14 @@ class BatchSource:
             cond = self.teacher.encode_prompts([self.prompts[int(i)] for i in idx])
         if self.dataset is not None:
             idx = self.global_indices(step, len(self.dataset))[part]
-            images, labels = self._load(idx)
-            images = images.to(self.device, torch.float32)
-            if self.teacher is not None:
-                images = self.teacher.encode_images(images)
+            if self.latents is not None:  # encoded once (data.cache_latents)
+                images = self.latents[idx].to(self.device, torch.float32)
+                labels = self._labels[idx] if self._labels is not None else torch.full((len(idx),), -1)
+            else:
+                images, labels = self._load(idx)
+                images = images.to(self.device, torch.float32)
+                if self.teacher is not None:
+                    images = self.teacher.encode_images(images)
             captions = getattr(self.dataset, "captions", None)
             if cond is None and captions is not None and getattr(self.teacher, "text_encoders", None):
                 # captioned images: each real image's own caption conditions it (and the generator's sample)
