@@ -1,7 +1,8 @@
 """The student artefact: a trained generator that describes itself, loadable without the training method.
 
 Every checkpoint holds one in ``checkpoints/step-NNNNNNN/student/`` (any folder with a ``student.json`` is
-one)::
+one); a progressive run (TSCD) also keeps each stage's student, at the step its stage ended, in
+``RUN/stages/steps-K/`` (K = the stage's segments = its sampling steps; :func:`select_artefact`)::
 
     student.json            what to build: format, kind, method, teacher, conditioning, members, router
     <member>.safetensors    each member's weights (the whole network; for a LoRA member the adapter only)
@@ -47,6 +48,7 @@ from .students import RoutedStudent, Student, add_lora, lora_parameters_state
 FORMAT = 1
 ARTEFACT_DIR = "student"
 SPEC_FILE = "student.json"
+STAGES_DIR = "stages"  # progressive runs (TSCD): one artefact per stage, RUN/stages/steps-K/
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,6 +199,10 @@ def build_network(spec: dict) -> Denoiser:
         from .teachers.vp import VPUNetDenoiser
 
         return VPUNetDenoiser.from_spec(spec)
+    if kind == "EDMNetDenoiser":  # EDM's SongUNet / ADM (converted EDM teachers and their students)
+        from .teachers.edm import build_edm_denoiser
+
+        return build_edm_denoiser(spec, "student artefact")
     if kind == "EDMPrecond":  # raw networks with a spec(): the toy MLP
         raw = spec["net"]
         if raw.get("class") != "toy.MLP":
@@ -302,5 +308,118 @@ def load_artefact(folder: str | Path, device: str | torch.device = "cpu") -> Art
     return Artefact(model, spec, teacher, folder)
 
 
+# --------------------------------------------------------------------------------------------------
+# Stage students (progressive methods, TSCD): RUN/stages/steps-K/, one artefact per stage
+def stage_dir(run_dir: str | Path, steps: int) -> Path:
+    """Where a progressive run keeps the student of its stage trained for ``steps`` steps (segments)."""
+    return Path(run_dir) / STAGES_DIR / f"steps-{int(steps)}"
+
+
+def save_artefact_atomic(model: Any, folder: str | Path, info: dict) -> Path:
+    """:func:`save_artefact` into a temporary sibling of ``folder``, then renamed into place (an earlier
+    ``folder`` is replaced only once the new one is whole), so readers see the old artefact or the new one."""
+    import os
+    import shutil
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        save_artefact(model, tmp, info)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+    return folder
+
+
+def _run_and_step(path: Path) -> tuple[Path, Optional[int]]:
+    """``(run folder, step limit)`` of ``path``: a run folder (no limit) or one of its checkpoint folders
+    (only stage students written at or before that checkpoint's step belong to it)."""
+    from .checkpoint_io import CKPT_DIR
+
+    meta = path / "meta.json"
+    if path.parent.name == CKPT_DIR and meta.is_file():
+        try:
+            return path.parent.parent, int(json.loads(meta.read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return path.parent.parent, None
+    return path, None
+
+
+def stage_artefacts(path: str | Path) -> dict[int, Path]:
+    """The stage students a progressive run kept: ``{steps: folder}`` (empty for other runs and folders).
+
+    ``path``: a run folder, or one of its checkpoint folders (then only the stages that had ended by its step)."""
+    run, limit = _run_and_step(Path(path))
+    root = run / STAGES_DIR
+    found: dict[int, tuple[int, Path]] = {}
+    if not root.is_dir():
+        return {}
+    for d in sorted(root.iterdir()):
+        if d.name.startswith(".") or not (d / SPEC_FILE).is_file():
+            continue
+        spec = read_spec(d)
+        step = int(spec.get("step") or 0)
+        levels = spec["members"][0].get("levels")
+        if not levels or (limit is not None and step > limit):
+            continue
+        k = len(levels)
+        if k not in found or step >= found[k][0]:
+            found[k] = (step, d)
+    return {k: d for k, (_, d) in found.items()}
+
+
+def prune_stage_artefacts(run_dir: str | Path, after_step: int) -> list[Path]:
+    """Remove the stage students of ``run_dir`` written after step ``after_step`` (a fresh run over an old
+    folder, or a resume from a checkpoint older than them: the training from there writes them again)."""
+    import shutil
+
+    removed = []
+    root = Path(run_dir) / STAGES_DIR
+    if not root.is_dir():
+        return removed
+    for d in sorted(root.iterdir()):
+        if d.name.startswith(".") and (".tmp-" in d.name or ".old-" in d.name):
+            shutil.rmtree(d, ignore_errors=True)  # left by a write that was killed
+            continue
+        if (d / SPEC_FILE).is_file() and int(read_spec(d).get("step") or 0) > after_step:
+            shutil.rmtree(d)
+            removed.append(d)
+    return removed
+
+
+def select_artefact(path: str | Path, steps: Optional[int] = None) -> tuple[Optional[Path], Optional[str]]:
+    """The artefact that samples ``path`` at ``steps`` steps, and a one-line note saying which (or ``None``).
+
+    A run that kept stage students (TSCD: RUN/stages/steps-K) gives, for ``steps=K``, the student of the
+    stage trained for K segments; when no stage has K, the note says so and the latest checkpoint's student
+    is used (its own levels regridded to K). Every other case is :func:`find_artefact`."""
+    default = find_artefact(path)
+    if steps is None:
+        return default, None
+    stages = stage_artefacts(path)
+    if not stages:
+        return default, None
+    if steps in stages:
+        return stages[steps], f"using the {steps}-step stage student {stages[steps]}"
+    kept = ", ".join(str(k) for k in sorted(stages, reverse=True))
+    note = f"no stage student with {steps} steps in {stages[max(stages)].parent} (kept: {kept} steps); "
+    if default is None:
+        return None, note
+    own = read_spec(default)["members"][0].get("levels") or []
+    how = "its own levels" if len(own) == steps else f"levels regridded from its own {len(own)}"
+    return default, note + f"sampling {default} at {steps} steps on {how}"
+
+
 __all__ = ["Artefact", "save_artefact", "load_artefact", "find_artefact", "describe", "build_network",
-           "read_spec", "wrap_member", "ARTEFACT_DIR", "SPEC_FILE"]
+           "read_spec", "wrap_member", "save_artefact_atomic", "stage_dir", "stage_artefacts",
+           "prune_stage_artefacts", "select_artefact", "ARTEFACT_DIR", "SPEC_FILE", "STAGES_DIR"]

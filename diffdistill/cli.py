@@ -24,6 +24,17 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type`` for counts (``--steps``, ``--batch-size``, ``--num-samples``): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -72,7 +83,7 @@ def _read_prompts(path: Optional[str]) -> Optional[list[str]]:
 
 
 def cmd_sample(args) -> int:
-    from .generator import load_generator, save_grid, save_pngs
+    from .generator import check_guidance_scale, load_generator, save_grid, save_pngs
 
     out = Path(args.out)
     if out.exists() and any(out.glob("[0-9]" * 6 + ".png")):
@@ -81,7 +92,9 @@ def cmd_sample(args) -> int:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     labels = _parse_labels(args.labels)
     prompts = _read_prompts(args.prompts)
-    gen = load_generator(args.checkpoint, sampler=args.sampler)
+    gen = load_generator(args.checkpoint, sampler=args.sampler, steps=args.steps,  # a stage student for --steps K
+                         guidance_scale=args.guidance_scale)
+    check_guidance_scale(gen, args.guidance_scale, prompts is not None)
     images = gen.sample(args.num_samples, steps=args.steps, labels=labels, prompts=prompts, seed=args.seed,
                         batch_size=args.batch_size, progress=True)
     save_pngs(images, out)
@@ -105,6 +118,13 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_config_show(args) -> int:
+    from .config import show_config
+
+    print(show_config(args.method))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="diffdistill", description="Diffusion step distillation")
     try:
@@ -118,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quickstart", help="distil the shipped digits teacher with DMD2 and report digits FID")
     q.add_argument("--output", default="runs/quickstart", help="output folder (default: runs/quickstart)")
-    q.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
-    q.add_argument("--num-samples", type=int, default=2000, help="samples per FID (default: 2000)")
+    q.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the config's)")
+    q.add_argument("--num-samples", type=positive_int, default=2000, help="samples per FID (default: 2000)")
     q.set_defaults(func=cmd_quickstart)
 
     t = sub.add_parser("teacher", help="teacher commands")
@@ -134,26 +154,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample images from a teacher or a checkpoint")
     s.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or teacher folder")
-    s.add_argument("--num-samples", type=int, required=True)
+    s.add_argument("--num-samples", type=positive_int, required=True)
     s.add_argument("--out", required=True, help="output folder for 000000.png ... and grid.png")
-    s.add_argument("--steps", type=int, default=None, help="student steps, or the teacher solver's steps")
+    s.add_argument("--steps", type=positive_int, default=None, help="student steps, or the teacher solver's steps")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--labels", default=None, help="class labels, repeated cyclically, e.g. 0,3,7")
     s.add_argument("--prompts", default=None, help="text file with one prompt per line")
-    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--batch-size", type=positive_int, default=256)
     s.add_argument("--sampler", default="heun", choices=["heun", "euler", "ddim"], help="teacher ODE solver")
+    s.add_argument("--guidance-scale", type=float, default=None,
+                   help="teachers: classifier-free guidance scale of the ODE (default 1: none)")
     s.set_defaults(func=cmd_sample)
 
     from .eval_cli import add_eval_parser
 
     add_eval_parser(sub)
 
+    from .convert import add_convert_parser
+
+    add_convert_parser(sub)  # convert edm SNAPSHOT.pkl --out DIR
+
     e = sub.add_parser("export", help="export a trained student as a folder plain diffusers samples")
     e.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or student artefact folder")
     e.add_argument("--out", required=True, help="new (or empty) output folder")
     e.add_argument("--merge", action="store_true", help="LoRA students: write full merged weights, not an adapter")
-    e.add_argument("--steps", type=int, default=None, help="export the student at this many steps (default: its own)")
+    e.add_argument("--steps", type=positive_int, default=None,
+                   help="export the student at this many steps (default: its own)")
     e.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("config", help="config commands")
+    csub = c.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    cs = csub.add_parser("show", help="every config key: type, default, allowed values and doc")
+    cs.add_argument("method", nargs="?", default=None, help="also list this method's own section (e.g. dmd2)")
+    cs.set_defaults(func=cmd_config_show)
     return parser
 
 

@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -21,14 +21,16 @@ from .errors import UserError
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``eval`` with its ``fid`` and ``clip`` sub-commands on an argparse ``subparsers`` object."""
+    from .cli import positive_int  # --num-samples, --steps, --batch-size: whole numbers >= 1, one line otherwise
+
     parser = subparsers.add_parser("eval", help="measure FID or CLIP score of a teacher or student")
     parser.set_defaults(func=run_eval)  # diffdistill.cli calls args.func(args)
     sub = parser.add_subparsers(dest="eval_command", metavar="{fid,clip}", required=True)
 
     fid = sub.add_parser("fid", help="FID (+ precision/recall) of generated samples against reference statistics")
     fid.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or teacher folder")
-    fid.add_argument("--num-samples", type=int, required=True, help="generated images (papers: 50000)")
-    fid.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
+    fid.add_argument("--num-samples", type=positive_int, required=True, help="generated images (papers: 50000)")
+    fid.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's own)")
     fid.add_argument("--out", required=True, help="result JSON file")
     ref = fid.add_mutually_exclusive_group()
     ref.add_argument("--ref-stats", metavar="FILE.npz", help=".npz with mu and sigma (e.g. EDM fid-refs)")
@@ -38,8 +40,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
                      help="feature network (default: digits for the digits reference, else inception)")
     fid.add_argument("--inception-weights", metavar="FILE", default=None,
                      help="local weights-inception-2015-12-05-6726825d.pth (default: $DIFFDISTILL_CACHE)")
-    fid.add_argument("--batch-size", type=int, default=64, help="images per generation batch, per process")
+    fid.add_argument("--batch-size", type=positive_int, default=64, help="images per generation batch, per process")
     fid.add_argument("--seed", type=int, default=0, help="run seed (batch b uses a seed derived from it)")
+    fid.add_argument("--guidance-scale", type=float, default=None, help="teachers: classifier-free guidance scale")
     fid.set_defaults(eval_func=_run_fid)
 
     clip = sub.add_parser("clip", help="CLIP score of one generated image per prompt (open_clip, local weights)")
@@ -51,9 +54,10 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     clip.add_argument("--clip-scale", choices=["raw", "100"], default="raw", help="raw cosine or 100 x cosine")
     clip.add_argument("--clip-prefix", default="A photo depicts ", help="prepended to every caption")
     clip.add_argument("--no-clamp", action="store_true", help="do not clamp each sample's score at 0")
-    clip.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
-    clip.add_argument("--batch-size", type=int, default=16, help="images per generation batch")
+    clip.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's own)")
+    clip.add_argument("--batch-size", type=positive_int, default=16, help="images per generation batch")
     clip.add_argument("--seed", type=int, default=0, help="run seed")
+    clip.add_argument("--guidance-scale", type=float, default=None, help="teachers: classifier-free guidance scale")
     clip.set_defaults(eval_func=_run_clip)
     return parser
 
@@ -75,12 +79,15 @@ def _accelerator() -> Any | None:
     return Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo over processes (torchrun on a CPU)
 
 
-def _load_generator(path: str, device: torch.device) -> Any:
+def _load_generator(path: str, device: torch.device, steps: Optional[int] = None,
+                    guidance_scale: Optional[float] = None, prompts: bool = False) -> Any:
     from . import load_generator
+    from .generator import check_guidance_scale
 
     if not Path(path).exists():
         raise UserError(f"checkpoint not found: {path}")
-    generator = load_generator(path)
+    generator = load_generator(path, steps=steps, guidance_scale=guidance_scale)  # --steps K: a stage student
+    check_guidance_scale(generator, guidance_scale, prompts)
     if hasattr(generator, "to"):
         generator = generator.to(device) or generator
     return generator
@@ -109,10 +116,12 @@ def _run_fid(args: argparse.Namespace) -> int:
         extractor = (InceptionV3Features(args.inception_weights) if features == "inception" else DigitsFeatures())
         extractor = extractor.to(device)
         ref = resolve_ref_stats(extractor, args.ref_stats, args.ref_images, args.ref_dataset)
-    generator = _load_generator(args.checkpoint, device)
+    generator = _load_generator(args.checkpoint, device, args.steps, args.guidance_scale)
     result = evaluate_fid(generator, extractor, ref, args.num_samples, steps=args.steps, batch_size=args.batch_size,
                           seed=args.seed, accelerator=accelerator)
     result = {"metric": "fid", "checkpoint": str(args.checkpoint), **result}
+    if getattr(generator, "artefact", None) is not None:
+        result["artefact"] = str(generator.artefact)  # e.g. the stage student that --steps picked
     if accelerator is None or accelerator.is_main_process:
         _write_json(result, args.out)
         pr = "" if result["precision"] is None else f", precision {result['precision']:.3f}, recall {result['recall']:.3f}"
@@ -128,7 +137,7 @@ def _run_clip(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scorer = ClipScorer.from_files(args.clip_model, args.clip_weights, device=device, scale=args.clip_scale,
                                    clamp=not args.no_clamp, prefix=args.clip_prefix)
-    generator = _load_generator(args.checkpoint, device)
+    generator = _load_generator(args.checkpoint, device, args.steps, args.guidance_scale, prompts=True)
     result = evaluate_clip(generator, scorer, prompts, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
     result = {"metric": "clip_score", "checkpoint": str(args.checkpoint), **result}
     _write_json(result, args.out)

@@ -224,10 +224,11 @@ def _atomic_folder(dest: Path) -> Iterator[Path]:
 def export_generator(checkpoint: str, out: str, merge: bool = False, steps: Optional[int] = None) -> Path:
     """Export the student of ``checkpoint`` (a run, checkpoint or artefact folder) to the new folder ``out``.
 
-    ``steps``: export the student sampled in that many steps (default: its own); ``merge``: LoRA students
+    ``steps``: export the student sampled in that many steps (default: its own; a run that kept one student
+    per stage, TSCD, exports the stage student trained for that many segments); ``merge``: LoRA students
     as full weights. Nothing is written unless the whole export succeeds (temporary folder, then rename).
     """
-    from .artefact import _wrapper_of, find_artefact, load_artefact
+    from .artefact import _wrapper_of, load_artefact, select_artefact
     from .paths import resolve_path
     from .teachers.vp import VPUNetDenoiser
 
@@ -239,7 +240,9 @@ def export_generator(checkpoint: str, out: str, merge: bool = False, steps: Opti
     source = Path(resolve_path(str(checkpoint)))
     if not source.exists():
         raise UserError(f"--checkpoint {checkpoint} does not exist")
-    folder = find_artefact(source)
+    folder, note = select_artefact(source, steps)  # --steps K of a TSCD run: the stage student trained for K
+    if note:
+        print(note)
     if folder is None:
         raise UserError(f"{checkpoint} holds no student artefact (expected a run folder, a checkpoint folder with "
                         "student/student.json, or an artefact folder)")
@@ -468,6 +471,9 @@ def _text_pipeline(unet: Any, art: Any, sched: Any):
     comps = art.components
     if comps is None or not comps.text_encoders:
         raise UserError("a text student needs its teacher's text encoders and VAE to export a pipeline")
+    if comps.vae is None:  # e.g. students of assets/teachers/digits_text
+        raise UserError("a pixel-space text student (its teacher has no VAE) has no diffusers pipeline class to export "
+                        "to; sample it with `diffdistill sample --prompts FILE`")
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if len(comps.text_encoders) == 2:

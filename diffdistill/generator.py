@@ -6,6 +6,7 @@ not depend on the batch size or on how samples are split across processes.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -48,6 +49,8 @@ class Generator:
         self.sampler = sampler
         self.num_classes: Optional[int] = self.denoiser.num_classes
         self.default_steps = TEACHER_DEFAULT_STEPS if self.is_teacher else model.steps
+        self.artefact: Optional[Path] = None  # the student artefact folder this was loaded from, if any
+        self.note: Optional[str] = None  # why that one (load_generator's ``steps``: a stage student)
 
     # ---------------------------------------------------------------------------------------------
     @classmethod
@@ -102,9 +105,11 @@ class Generator:
         """
         from tqdm.auto import tqdm
 
-        steps = steps or self.default_steps
+        steps = self.default_steps if steps is None else steps  # 0 is a mistake, not "the default"
         if steps < 1:
             raise UserError(f"--steps must be >= 1, got {steps}")
+        if batch_size is not None and batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {batch_size}")
         seed = 0 if seed is None else int(seed)
         batch_size = batch_size or 256
         all_labels = self.labels_for(num_samples, labels, offset)
@@ -153,28 +158,41 @@ def _prompt_encoder(teacher: Any) -> Optional[Callable[[list[str]], Any]]:
 
 
 def load_generator(path: str | Path, device: Optional[str] = None, guidance_scale: Optional[float] = None,
-                   sampler: str = "heun") -> Generator:
+                   sampler: str = "heun", steps: Optional[int] = None) -> Generator:
     """A generator from a run folder (latest checkpoint), a checkpoint folder, a student artefact folder,
     a folder written by ``diffdistill export``, or a teacher folder.
 
     Students are built from their self-describing artefact alone (:mod:`diffdistill.artefact`): no
     training method, fake score, GAN head or optimizer state. An exported student is sampled in its own
     recorded levels; a teacher with ``sampler`` (its ``guidance_scale``, default 1).
+
+    ``steps``: the step count you will sample at. A run (or checkpoint) that kept one student per stage
+    (TSCD: ``RUN/stages/steps-K``) then gives the stage student trained for that many segments, and one
+    line says which (also in ``Generator.note``; ``Generator.artefact`` is the folder loaded).
     """
-    from .artefact import find_artefact, load_artefact
+    from .artefact import load_artefact, select_artefact
     from .checkpoint_io import latest_checkpoint
     from .paths import resolve_path
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     p = Path(resolve_path(str(path)))
-    folder = find_artefact(p)
+    folder, note = select_artefact(p, steps)
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        print(note)
     if folder is not None:
         art = load_artefact(folder, device)
         w = art.spec.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
-        return Generator(art.model, _decoder(art.components), _prompt_encoder(art.components), w, sampler)
+        gen = Generator(art.model, _decoder(art.components), _prompt_encoder(art.components), w, sampler)
+        gen.artefact, gen.note = folder, note
+        return gen
     if (p / "meta.json").is_file() or latest_checkpoint(p) is not None:
         raise UserError(f"{p} holds a checkpoint without a student artefact (student/student.json): it was written "
                         "by an older diffdistill; resume the run for one more checkpoint to write one")
+    from .checkpoint_io import incomplete_checkpoint
+
+    why = incomplete_checkpoint(p)  # a damaged checkpoint, not a teacher folder without unet/config.json
+    if why is not None:
+        raise UserError(why)
     from .teachers import load_teacher
 
     teacher = load_teacher(str(p), device=device)
@@ -183,6 +201,23 @@ def load_generator(path: str | Path, device: Optional[str] = None, guidance_scal
         return Generator(student, _decoder(teacher), _prompt_encoder(teacher), 1.0 if guidance_scale is None
                          else guidance_scale, sampler)
     return Generator.from_teacher(teacher, 1.0 if guidance_scale is None else guidance_scale, sampler)
+
+
+def check_guidance_scale(gen: Generator, guidance_scale: Optional[float], prompts: bool = False) -> None:
+    """``--guidance-scale`` is classifier-free guidance of a *teacher*'s ODE: refuse it (one line) for a
+    student, whose guidance was distilled in, for a negative scale, and when the samples have no condition
+    to guide towards (an unconditional teacher, or a text teacher without ``--prompts``)."""
+    if guidance_scale is None:
+        return
+    if guidance_scale < 0:
+        raise UserError(f"--guidance-scale must be >= 0, got {guidance_scale}")
+    if not gen.is_teacher:
+        raise UserError("--guidance-scale applies to teachers: a student's guidance was distilled in at training "
+                        "(teacher.guidance_scale of its run)")
+    if guidance_scale != 1.0 and gen.encode_prompts is not None and not prompts:
+        raise UserError("--guidance-scale on a text teacher needs --prompts (guidance pulls towards a prompt)")
+    if guidance_scale != 1.0 and gen.encode_prompts is None and not gen.denoiser.num_classes:
+        raise UserError("--guidance-scale needs a conditional teacher: this one is unconditional")
 
 
 def exported_student(teacher: Any) -> Optional[Any]:

@@ -4,6 +4,7 @@ simulation, the configs, and distribution matching on the exact Gaussian-mixture
 from __future__ import annotations
 
 import copy
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -148,6 +149,43 @@ def test_gan_starts_at_gan_start_step_and_critic_is_frozen_in_generator_turn():
     m.student.net.zero_grad(set_to_none=True)
     out.losses["fake_score"].backward()
     assert all(p.grad is None for p in m.student.net.parameters())
+
+
+def test_auto_gan_weight_matches_the_dm_gradient_norm_then_freezes():
+    """``gan_gen_weight: auto``: the GAN term's gradient w.r.t. the generated x gets the DM term's norm (times
+    ``gan_auto_scale``), calibrated over ``gan_auto_turns`` turns, then fixed; it resumes; 'auto' parses."""
+
+    def grads(m, weight_logs=None):
+        x = torch.randn(32, 2, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+        loss, logs = m.generator_loss(x, None, _batch(3), gan_on=True)
+        (g,) = torch.autograd.grad(loss, x)
+        return g, logs
+
+    fixed = _toy_method(gan_gen_weight=0.0)
+    g_dm, _ = grads(fixed)
+    auto = _toy_method(gan_gen_weight="auto", gan_auto_scale=2.0, gan_auto_turns=3)
+    g, logs = grads(auto)
+    g_gan = g - g_dm  # the same draws: only the GAN term differs
+    assert g_gan.norm() == pytest.approx(2.0 * float(g_dm.norm()), rel=1e-4)
+    assert logs["gan_gen_weight"] > 0 and "loss_gan_g" in logs
+    # the surrogate's gradient is exactly the GAN loss's, times the logged weight
+    plain = _toy_method(gan_gen_weight=logs["gan_gen_weight"])
+    g_plain, _ = grads(plain)
+    assert torch.allclose(g_plain, g, rtol=1e-4, atol=1e-7)
+    # calibration over 3 turns (running mean), then frozen; the state resumes
+    auto = _toy_method(gan_gen_weight="auto", gan_auto_scale=2.0, gan_auto_turns=3, dfake_gen_update_ratio=1)
+    stepper = Stepper(auto)
+    weights = [stepper.step(_batch(s), s)["gan_gen_weight"] for s in range(6)]
+    assert auto.extra_state()["gan_auto"][1] == 3 and len(set(weights[2:])) == 1 and weights[0] != weights[2]
+    resumed = _toy_method(gan_gen_weight="auto", gan_auto_scale=2.0, gan_auto_turns=3)
+    resumed.load_extra_state(json.loads(json.dumps(auto.extra_state())))
+    assert resumed.auto_gan_weight(torch.tensor(1.0), torch.tensor(1.0)) == weights[-1]
+    cfg = load_config(REPO / "configs/digits/dmd2.yaml", overrides=["dmd2.gan_gen_weight=auto"])
+    assert cfg.method_config.gan_gen_weight == "auto"
+    assert load_config(REPO / "configs/digits/dmd2.yaml", overrides=["dmd2.gan_gen_weight=1e-3"]
+                       ).method_config.gan_gen_weight == 1e-3
+    with pytest.raises(UserError, match="gan_gen_weight.*did you mean 'auto'"):
+        load_config(REPO / "configs/digits/dmd2.yaml", overrides=["dmd2.gan_gen_weight=autoo"])
 
 
 def test_backward_simulation_keeps_earlier_steps_out_of_the_graph():

@@ -32,7 +32,9 @@ def build_dataset(data_cfg: Any, split: str = "all") -> Dataset:
     if name == "folder":
         return ImageFolderDataset(data_cfg.path, data_cfg.resolution, data_cfg.channels)
     if name == "prompts":
-        return PromptDataset(data_cfg.path)
+        from ..paths import resolve_path
+
+        return PromptDataset(resolve_path(data_cfg.path))  # a shipped configs/... prompt file from any folder
     close = difflib.get_close_matches(str(name), DATASETS, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     raise UserError(f"unknown data.name {name!r}{hint} (choose {', '.join(DATASETS)})")

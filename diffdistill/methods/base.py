@@ -226,6 +226,14 @@ class Method:
         """Hook after each step (stage switches, curricula); return anything worth logging."""
         return {}
 
+    def artefacts_due(self, step: int) -> dict[str, dict[str, Any]]:
+        """Student artefacts to keep in the run folder now that ``step`` steps are done, asked after the step
+        and before :meth:`on_step_end` (so :meth:`generator` is still the one that step trained):
+        ``{folder relative to the run folder: extra info for its student.json}``. The loop writes
+        :meth:`generator` (EMA weights when EMA is on) to each, atomically, on the main process (TSCD keeps
+        every stage's student as ``stages/steps-K`` this way)."""
+        return {}
+
     def status(self) -> dict[str, float]:
         """The method's current state (e.g. a stage or DisBack's target node), logged as is at every log row
         of ``metrics.jsonl`` / TensorBoard and shown in the progress bar."""

@@ -19,7 +19,13 @@ trajectory (in effect one Euler step per segment). It supplies the point of its 
 finer edge instead, ``x_hat = jump(x_{n+1}, f_prev(x_{n+1}), t_{n+1} -> e')`` with ``e' >= e`` (edges
 nest), and ``e'`` replaces ``t_n`` above; its guidance is already baked in.
 A k-segment student samples k steps along the edges with deterministic DDIM re-noising: the method keeps
-``student.levels`` equal to the current stage's edges and ``renoise="ddim"``.
+``student.levels`` equal to the current stage's edges and ``renoise="ddim"``. Evaluated at level
+``t_{n+1}`` (an edge ``t_{jN/k}``) the student is trained to give the DDIM jump to the next lower edge, which
+is exactly the sampler's step between consecutive levels, so training, sampling and export share the levels.
+Hyper-SD ships one student per stage: when a stage ends (the step the next one starts, or the end of the run)
+the loop keeps its student as ``RUN/stages/steps-k`` (:meth:`artefacts_due`, written before the switch, by
+the main process, atomically), and ``load_generator(RUN, steps=k)`` / ``sample`` / ``eval fid`` / ``export``
+``--steps k`` use the stage student trained for k segments.
 Optional adversarial term (PCM [code]; here DMD2's small GAN head on the frozen teacher's bottleneck
 features, unconditional): prediction and target are re-noised from the edge to a level inside the
 segment, hinge loss, weight 0.1. The head (group ``discriminator``) and the student step together on one
@@ -32,13 +38,15 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
 
 import torch
 from torch import Tensor
 
 from ..denoiser import Cond, Denoiser, append_dims
 from ..errors import UserError
+from ..schema import Count, Len, MinLen, NonNegFloat, PositiveFloat, PositiveInt
 from ..students import Student, freeze
 from .base import Batch, Method, OptimConfig, StepOutput
 from .consistency import (LOSSES, ConsistencyDenoiser, consistency_distance, ddim_jump, draw_seed, fixed_rng,
@@ -48,33 +56,38 @@ from .consistency import (LOSSES, ConsistencyDenoiser, consistency_distance, ddi
 @dataclass
 class TSCDConfig:
     # segments of each progressive stage (Hyper-SD: 8, 4, 2, 1)
-    segments: list[int] = field(default_factory=lambda: [8, 4, 2, 1])
-    stage_starts: Optional[list[int]] = None  # step at which each stage begins (first 0); None: equal shares
-    stage_teacher: str = "previous"  # later stages' trajectory: previous (frozen student of the stage before) | teacher
-    solver_steps: int = 48  # N; divisible by every segment count (PCM SD1.5: 50 with 4 phases)
-    solver: str = "ddim"  # teacher ODE step: ddim (= Euler in sigma space, PCM/LCM) | heun (CM)
-    grid: str = "teacher"  # solver grid: teacher (its discrete timesteps, trailing: PCM/LCM) | karras (CM)
-    guidance_scale: float = 1.0  # teacher CFG in the solver, u + w (c - u); filled from teacher.guidance_scale
+    segments: Annotated[list[PositiveInt], MinLen(1)] = field(default_factory=lambda: [8, 4, 2, 1])
+    stage_starts: Optional[list[Count]] = None  # step at which each stage begins (first 0); None: equal shares
+    # later stages' trajectory: previous (frozen student of the stage before) | teacher
+    stage_teacher: Literal["previous", "teacher"] = "previous"
+    solver_steps: PositiveInt = 48  # N; divisible by every segment count (PCM SD1.5: 50 with 4 phases)
+    solver: Literal["ddim", "heun"] = "ddim"  # teacher ODE step: ddim (= Euler in sigma space, PCM/LCM) | heun (CM)
+    # solver grid: teacher (its discrete timesteps, trailing: PCM/LCM) | karras (CM)
+    grid: Literal["teacher", "karras"] = "teacher"
+    guidance_scale: NonNegFloat = 1.0  # teacher CFG in the solver, u + w (c - u); filled from teacher.guidance_scale
     # w ~ U[lo, hi] per sample instead of guidance_scale (PCM SD1.5: [5, 6], its LCM-style w in [4, 5])
-    guidance_range: Optional[list[float]] = None
-    sigma_min: Optional[float] = None  # lowest level (the boundary) of a karras grid; None: the teacher's
-    sigma_max: Optional[float] = None  # highest level of a karras grid; None: the teacher's
-    rho: float = 7.0  # exponent of a karras grid (also used for teachers without discrete timesteps)
-    loss: str = "huber_elementwise"  # huber_elementwise (PCM) | huber (iCT, whole sample) | mse
-    huber_c: Optional[float] = None  # pseudo-Huber c; None: 1e-3 (elementwise) or 0.00054 sqrt(dim)
-    weighting: str = "uniform"  # per-level weight: uniform (CM, PCM) | ict (1 / (t_{n+1} - t_n), iCT's lambda)
+    guidance_range: Optional[Annotated[list[NonNegFloat], Len(2, 2)]] = None
+    sigma_min: Optional[PositiveFloat] = None  # lowest level (the boundary) of a karras grid; None: the teacher's
+    sigma_max: Optional[PositiveFloat] = None  # highest level of a karras grid; None: the teacher's
+    rho: PositiveFloat = 7.0  # exponent of a karras grid (also used for teachers without discrete timesteps)
+    # huber_elementwise (PCM) | huber (iCT, whole sample) | mse
+    loss: Literal["huber", "huber_elementwise", "mse"] = "huber_elementwise"
+    huber_c: Optional[PositiveFloat] = None  # pseudo-Huber c; None: 1e-3 (elementwise) or 0.00054 sqrt(dim)
+    # per-level weight: uniform (CM, PCM) | ict (1 / (t_{n+1} - t_n), iCT's lambda)
+    weighting: Literal["uniform", "ict"] = "uniform"
     consistency_param: bool = True  # f = iCT's c_skip/c_out on the x0 prediction; false: plain x0 (PCM)
-    adv_weight: float = 0.0  # hinge adversarial term weight (PCM: 0.1); 0 disables it
-    adv_lr: float = 1e-5  # discriminator head learning rate (PCM)
+    adv_weight: NonNegFloat = 0.0  # hinge adversarial term weight (PCM: 0.1); 0 disables it
+    adv_lr: PositiveFloat = 1e-5  # discriminator head learning rate (PCM)
 
 
 @dataclass
 class CDConfig(TSCDConfig):
-    segments: list[int] = field(default_factory=lambda: [1])  # CD: one segment, consistency to the boundary
-    solver_steps: int = 18  # N (CM on CIFAR-10 with an EDM teacher: 18; LCM/PCM DDIM: 50)
-    solver: str = "heun"  # CM's teacher solver with EDM teachers
-    grid: str = "karras"  # CM's grid (rho 7 on [sigma_min, sigma_max])
-    loss: str = "huber"  # iCT's pseudo-Huber in place of CM's LPIPS
+    # CD: one segment, consistency to the boundary
+    segments: Annotated[list[PositiveInt], MinLen(1)] = field(default_factory=lambda: [1])
+    solver_steps: PositiveInt = 18  # N (CM on CIFAR-10 with an EDM teacher: 18; LCM/PCM DDIM: 50)
+    solver: Literal["ddim", "heun"] = "heun"  # CM's teacher solver with EDM teachers
+    grid: Literal["teacher", "karras"] = "karras"  # CM's grid (rho 7 on [sigma_min, sigma_max])
+    loss: Literal["huber", "huber_elementwise", "mse"] = "huber"  # iCT's pseudo-Huber in place of CM's LPIPS
 
 
 class TSCD(Method):
@@ -195,6 +208,31 @@ class TSCD(Method):
         switch now and return ``{stage, segments}`` (also printed); otherwise ``{}``."""
         nxt = self._stage_at(step)
         return self._enter_stage(nxt, step) if nxt != self.stage else {}
+
+    def status(self) -> dict[str, float]:
+        return {"stage": float(self.stage), "segments": float(self.config.segments[self.stage])}
+
+    def on_train_start(self, run_dir: Path, step: int, is_main: bool) -> None:
+        """Stage students written after ``step`` (a fresh run over an old folder, or a resume from a checkpoint
+        older than them) are removed: the training from ``step`` writes them again."""
+        if is_main and len(self.config.segments) > 1:
+            from ..artefact import prune_stage_artefacts
+
+            prune_stage_artefacts(run_dir, step)
+
+    def artefacts_due(self, step: int) -> dict[str, dict[str, Any]]:
+        """When ``step`` ends the current stage (the next one starts there, or the run ends), its student is
+        kept as ``stages/steps-K`` (K = its segments): sampled along its own segment edges with DDIM
+        re-noising, as trained. Progressive runs only (one stage: the checkpoints' student is that one)."""
+        c = self.config
+        if len(c.segments) < 2 or self.stage < 0 or (step < self.total_steps and self._stage_at(step) == self.stage):
+            return {}
+        from ..artefact import STAGES_DIR
+
+        k = c.segments[self.stage]
+        source = "previous stage" if self.stage_teacher is not None and self.stage > 0 else "teacher"
+        return {f"{STAGES_DIR}/steps-{k}": {"stage": self.stage, "segments": k, "stage_start": self.starts[self.stage],
+                                            "trajectory_from": source}}
 
     # ----------------------------------------------------------------------------------------------
     # The step

@@ -42,7 +42,7 @@ import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,7 @@ from torch import Tensor
 from ..denoiser import CFGDenoiser, Cond, Denoiser, append_dims, cond_cat
 from ..errors import UserError
 from ..schedules import karras_sigmas
+from ..schema import Count, Fraction, NonNegFloat, PositiveFloat, PositiveInt, Probability
 from ..students import Student
 from .base import Batch, Method, OptimConfig, StepOutput
 from .gan_head import GANHead, bottleneck_features, feature_shape
@@ -60,22 +61,35 @@ from .gan_head import GANHead, bottleneck_features, feature_shape
 class DMD2Config:
     """The ``dmd2:`` config section. Defaults: the official ImageNet-64 run (``main/edm``)."""
 
-    guidance_scale: float = 1.0  # CFG scale on the teacher ("real") score only: 1 ImageNet, 1.75 SD1.5, 8 SDXL
-    dfake_gen_update_ratio: int = 5  # critic steps per generator step (two time-scale rule); 10 for SD1.5
-    dm_loss_weight: float = 1.0  # weight of the distribution-matching loss in the generator objective
+    guidance_scale: NonNegFloat = 1.0  # CFG scale on the teacher ("real") score only: 1 ImageNet, 1.75 SD1.5, 8 SDXL
+    dfake_gen_update_ratio: PositiveInt = 5  # critic steps per generator step (two time-scale rule); 10 for SD1.5
+    dm_loss_weight: NonNegFloat = 1.0  # weight of the distribution-matching loss in the generator objective
     gan: bool = True  # GAN head and losses on (DMD2); false leaves DMD with the two time-scale rule
-    gan_start_step: int = 0  # iteration the GAN terms switch on (ImageNet FID 1.28: DMD-only stage, then GAN)
-    gan_gen_weight: float = 3e-3  # generator GAN weight: 3e-3 ImageNet, 1e-3 SD1.5, 5e-3 SDXL
-    gan_critic_weight: float = 1e-2  # critic GAN weight; larger values made the fake score collapse
-    gan_max_quantile: float = 1.0  # GAN noise: grid index ~ U[0, q T) (diffusion_gan_max_timestep / T = 1000/1000)
-    min_quantile: float = 0.02  # DM loss sigma: lowest quantile of the teacher grid (min_step_percent)
-    max_quantile: float = 0.98  # DM loss sigma: highest quantile of the teacher grid (max_step_percent)
-    fake_weighting: str = "edm"  # fake-score loss weight: 'edm' 1/s^2 + 1/sd^2 (EDM teachers), 'eps' 1/s^2 (SD)
-    grid_levels: int = 1000  # Karras grid (rho 7) levels when the teacher has no discrete grid (official EDM)
-    lr: Optional[float] = None  # generator lr (None: train.lr); 2e-6 ImageNet, 5e-7 SD1.5/SDXL with GAN
-    lr_fake: Optional[float] = None  # fake score and GAN head lr (None: the generator's); official: equal
+    gan_start_step: Count = 0  # iteration the GAN terms switch on (ImageNet FID 1.28: DMD-only stage, then GAN)
+    # generator GAN weight: 3e-3 ImageNet, 1e-3 SD1.5, 5e-3 SDXL; 'auto' matches the GAN term's gradient norm
+    # (w.r.t. the generated image) to the DM term's, averaged over the first gan_auto_turns generator turns
+    gan_gen_weight: Union[Literal["auto"], NonNegFloat] = 3e-3
+    gan_auto_scale: PositiveFloat = 1.0  # 'auto' only: factor on the matched weight (the rule: search around 1)
+    gan_auto_turns: PositiveInt = 20  # 'auto' only: generator turns (with GAN on) the weight is calibrated over
+    gan_critic_weight: NonNegFloat = 1e-2  # critic GAN weight; larger values made the fake score collapse
+    gan_max_quantile: Fraction = 1.0  # GAN noise: grid index ~ U[0, q T) (diffusion_gan_max_timestep / T = 1000/1000)
+    min_quantile: Probability = 0.02  # DM loss sigma: lowest quantile of the teacher grid (min_step_percent)
+    max_quantile: Probability = 0.98  # DM loss sigma: highest quantile of the teacher grid (max_step_percent)
+    # fake-score loss weight: 'edm' 1/s^2 + 1/sd^2 (EDM teachers), 'eps' 1/s^2 (SD)
+    fake_weighting: Literal["edm", "eps"] = "edm"
+    grid_levels: PositiveInt = 1000  # Karras grid (rho 7) levels when the teacher has no discrete grid (official EDM)
+    # that grid's range and exponent (official EDM: 0.002, 80, 7); None: the teacher's sigma_min / sigma_max
+    grid_sigma_min: Optional[PositiveFloat] = None
+    grid_sigma_max: Optional[PositiveFloat] = None
+    grid_rho: PositiveFloat = 7.0
+    # p of the dropout layers of the generator and the fake score (official ImageNet: 0, though EDM's ADM
+    # teacher trained with 0.1); None keeps the teacher's
+    dropout: Optional[Probability] = None
+    lr: Optional[PositiveFloat] = None  # generator lr (None: train.lr); 2e-6 ImageNet, 5e-7 SD1.5/SDXL with GAN
+    lr_fake: Optional[PositiveFloat] = None  # fake score and GAN head lr (None: the generator's); official: equal
     backward_simulation: bool = True  # K-step: train level k on the generator's own samples (else real data)
-    generator_labels: str = "random"  # class-conditional generator labels: 'random' (official) or 'batch'
+    # class-conditional generator labels: 'random' (official) or 'batch'
+    generator_labels: Literal["random", "batch"] = "random"
 
 
 def distribution_matching_loss(x: Tensor, mu_real: Tensor, mu_fake: Tensor) -> tuple[Tensor, Tensor]:
@@ -142,6 +156,9 @@ class DMD2(Method):
                  optim: Optional[OptimConfig] = None, total_steps: int = 1000,
                  fake_score: Optional[Denoiser] = None, generator_classes: Optional[Sequence[int]] = None) -> None:
         _validate(config, self.name)
+        if getattr(teacher, "untrained", False):
+            raise UserError(f"{self.name} distils a trained teacher; this teacher folder names an architecture only "
+                            "(edm.json with \"weights\": null)")
         optim = optim or OptimConfig()
         if config.lr is not None:
             optim = dataclasses.replace(optim, lr=config.lr)
@@ -154,6 +171,11 @@ class DMD2(Method):
         fake_score = fake_score.to(torch.float32).train()  # trained in fp32 even beside a bf16 teacher
         for p in fake_score.parameters():
             p.requires_grad_(True)
+        if config.dropout is not None:
+            from .consistency import set_dropout
+
+            for net in (student.net, fake_score):
+                set_dropout(net, config.dropout)
         lr_fake = config.lr_fake if config.lr_fake is not None else self.optim.lr
         self.add_network("fake_score", fake_score, lr=lr_fake)
         if config.gan:
@@ -162,9 +184,12 @@ class DMD2(Method):
         self.real_score = CFGDenoiser(teacher, config.guidance_scale)
         self.generator_classes = None if generator_classes is None else torch.as_tensor(list(generator_classes)).long()
         grid = teacher.sigmas  # ascending; the teacher's own discrete levels (VP timesteps) when it has them
-        if grid is None:
-            grid = karras_sigmas(config.grid_levels, teacher.sigma_min, teacher.sigma_max).flip(0)
+        if grid is None:  # EDM teachers: the official Karras grid (1000 levels over 0.002 .. 80, rho 7)
+            lo = config.grid_sigma_min if config.grid_sigma_min is not None else teacher.sigma_min
+            hi = config.grid_sigma_max if config.grid_sigma_max is not None else teacher.sigma_max
+            grid = karras_sigmas(config.grid_levels, lo, hi, config.grid_rho).flip(0)
         self.grid = grid.detach().float().cpu()
+        self._gan_auto: tuple[float, int] = (0.0, 0)  # gan_gen_weight 'auto': (sum of norm ratios, turns)
 
     # ----------------------------------------------------------------------------------------------
     # The step
@@ -202,13 +227,57 @@ class DMD2(Method):
         loss_dm, grad = distribution_matching_loss(x, mu_real, mu_fake)
         loss = cfg.dm_loss_weight * loss_dm
         logs = {"loss_dm": float(loss_dm.detach()), "dm_grad_rms": float(grad.pow(2).mean().sqrt())}
-        if gan_on and cfg.gan_gen_weight > 0:
-            x_g, s_g = self._gan_noised(x, batch)
+        auto = cfg.gan_gen_weight == "auto"
+        if gan_on and (auto or cfg.gan_gen_weight > 0):
+            # 'auto': the GAN loss on a leaf copy of x gives dL_gan/dx alone; the generator then gets it through
+            # a surrogate whose gradient w.r.t. x is exactly that (one backward through the critic, as fixed)
+            x_in = x.detach().requires_grad_(True) if auto else x
+            x_g, s_g = self._gan_noised(x_in, batch)
             logits = self.nets["gan_head"](bottleneck_features(self.nets["fake_score"], x_g, s_g, cond))
             loss_gan = gan_generator_loss(logits)
-            loss = loss + cfg.gan_gen_weight * loss_gan
+            if auto:
+                (g_gan,) = torch.autograd.grad(loss_gan, x_in)
+                g_dm_norm = cfg.dm_loss_weight * grad.float().norm() / grad.numel()  # dL_dm/dx = grad / numel
+                weight = self.auto_gan_weight(g_dm_norm, g_gan.float().norm())
+                loss = loss + weight * ((g_gan.detach() * (x - x.detach())).sum() + loss_gan.detach())
+                logs["gan_gen_weight"] = weight
+            else:
+                loss = loss + cfg.gan_gen_weight * loss_gan
             logs["loss_gan_g"] = float(loss_gan.detach())
         return loss, logs
+
+    def auto_gan_weight(self, dm_norm: Tensor, gan_norm: Tensor) -> float:
+        """``dmd2.gan_gen_weight: auto``: the generator GAN weight that gives its gradient w.r.t. the generated
+        image the DM term's norm, times ``gan_auto_scale`` (the maintainer's rule: match, then search around it).
+
+        Calibrated, then frozen: the weight is the mean of ``||dL_dm/dx|| / ||dL_gan/dx||`` over the first
+        ``gan_auto_turns`` generator turns with the GAN on (the running mean while calibrating), then held, so
+        the run trains with a fixed weight as the official code does, and the GAN term's own growth over
+        training (a rising generator GAN loss is normal) is not normalised away as a ratio tracked at every
+        turn would; a frozen number also resumes exactly (:meth:`extra_state`). Norms are summed over
+        processes first, so every process uses the same weight.
+        """
+        cfg = self.config
+        total, count = self._gan_auto
+        if count < cfg.gan_auto_turns:
+            sq = torch.stack([dm_norm.detach().float() ** 2, gan_norm.detach().float() ** 2])
+            acc = getattr(self, "accelerator", None)
+            if acc is not None and acc.num_processes > 1:
+                sq = acc.reduce(sq.to(acc.device), "sum")
+            dm, gan = (float(v) for v in sq.sqrt())
+            if gan > 0 and dm == dm and gan == gan:  # skip a turn with no (or non-finite) GAN gradient
+                total, count = total + dm / gan, count + 1
+                self._gan_auto = (total, count)
+        return cfg.gan_auto_scale * total / count if count else 0.0
+
+    def extra_state(self) -> dict[str, Any]:
+        """The ``gan_gen_weight: auto`` calibration (sum of ratios, turns), so a resumed run keeps its weight."""
+        return {"gan_auto": list(self._gan_auto)} if self.config.gan_gen_weight == "auto" else {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if "gan_auto" in state:
+            total, count = state["gan_auto"]
+            self._gan_auto = (float(total), int(count))
 
     def critic_loss(self, x: Tensor, cond: Cond, batch: Batch, gan_on: bool) -> tuple[Tensor, dict]:
         """``L_critic``: the fake-score denoising loss on ``sg(G(z))`` plus the GAN D-loss.

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 
 from ..errors import UserError
+from ..schema import Count, Interval, Keys, PositiveInt, Probability
 from ..students import Student
 from .base import Batch, Method, StepOutput
 
@@ -32,16 +33,40 @@ def _default_unet() -> dict:
             "norm_num_groups": 16, "attention_head_dim": 16}
 
 
+def _unet_keys() -> list[str]:
+    from ..teachers.vp import unet_config_keys
+
+    return unet_config_keys()  # UNet2DModel, or UNet2DConditionModel for a text teacher (dsm.text_encoder)
+
+
+def _clip_text_keys() -> list[str]:
+    import inspect
+
+    from transformers import CLIPTextConfig
+
+    return [k for k in inspect.signature(CLIPTextConfig.__init__).parameters if k not in ("self", "kwargs")]
+
+
 @dataclass
 class DSMConfig:
-    unet: dict = field(default_factory=_default_unet)  # UNet2DModel kwargs (size and channels follow the data)
-    prediction_type: str = "v_prediction"  # v_prediction | epsilon | sample
-    num_train_timesteps: int = 1000  # DDPM's discrete schedule length
-    beta_schedule: str = "linear"  # diffusers beta schedule (DDPM: linear 1e-4..0.02)
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    label_dropout: float = 0.1  # probability of the null label, for classifier-free guidance
-    num_classes: Optional[int] = None  # None: the data's class count (0 = unconditional)
+    # UNet2DModel kwargs; UNet2DConditionModel kwargs with dsm.text_encoder (size and channels follow the data)
+    unet: Annotated[dict, Keys(_unet_keys, "diffusers UNet2DModel / UNet2DConditionModel arguments")] = \
+        field(default_factory=_default_unet)
+    prediction_type: Literal["v_prediction", "epsilon", "sample"] = "v_prediction"  # v_prediction | epsilon | sample
+    num_train_timesteps: PositiveInt = 1000  # DDPM's discrete schedule length
+    # diffusers beta schedule (DDPM: linear 1e-4..0.02)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"] = "linear"
+    beta_start: Annotated[float, Interval(gt=0, lt=1)] = 0.0001  # beta of the first timestep
+    beta_end: Annotated[float, Interval(gt=0, lt=1)] = 0.02  # beta of the last timestep
+    label_dropout: Probability = 0.1  # probability of the null label, for classifier-free guidance
+    num_classes: Optional[Count] = None  # None: the data's class count (0 = unconditional)
+    # Text-to-image teacher (methods/dsm_text.py): CLIPTextConfig overrides of a text encoder trained with a
+    # UNet2DConditionModel (dsm.unet then holds its arguments); captions from the data's class phrasings;
+    # label_dropout drops the caption to "". Empty: class-conditional UNet2DModel as above.
+    text_encoder: Annotated[dict, Keys(_clip_text_keys, "transformers CLIPTextConfig arguments")] = \
+        field(default_factory=dict)
+    train_text_encoder: bool = True  # train the text encoder with the UNet (false: frozen at its random init)
+    text_max_length: PositiveInt = 24  # tokens per prompt (with start / end), the encoder's positions
 
 
 class DSM(Method):
@@ -64,6 +89,10 @@ class DSM(Method):
         from ..teachers import VPUNetDenoiser
 
         c: DSMConfig = cfg.method_config
+        if c.text_encoder and cls is DSM:
+            from .dsm_text import TextDSM
+
+            return TextDSM.from_config(cfg, optim, device)
         if c.prediction_type not in ("v_prediction", "epsilon", "sample"):
             raise UserError(f"dsm.prediction_type must be v_prediction, epsilon or sample, got {c.prediction_type!r}")
         data = build_dataset(cfg.data)

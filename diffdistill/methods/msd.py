@@ -78,7 +78,7 @@ from ..schema import Count, PositiveFloat, PositiveInt
 from ..seeding import mix_seed
 from ..students import RoutedStudent, Student
 from .base import Batch, Method, OptimConfig, StepOutput
-from .dmd2 import DMD2, DMD2Config, fake_score_loss, load_initial_weights
+from .dmd2 import DMD2, DMD2Config, fake_score_loss
 
 PARTITION_FILE = "msd_partition.json"  # run-level record of the groups, written once by the main process
 STAGES = ("tsm", "dm", "gan")
@@ -145,7 +145,6 @@ class MSD(Method):
         self.prompt_groups = [list(g) for g in prompt_groups] if prompt_groups is not None else None
         self.encode = encode
         dmd_config = DMD2Config(**{f.name: getattr(config, f.name) for f in dataclasses.fields(DMD2Config)})
-        dmd_config.init_from = ""  # loaded below, under MSD's network names (student_k, fake_score_k, ...)
         self.members: list[DMD2] = []
         for k, student in enumerate(students):
             fake = fake_scores[k] if fake_scores is not None else None
@@ -166,8 +165,6 @@ class MSD(Method):
             for k, m in enumerate(copies):
                 self.add_network(f"tsm_{k}", m.net, lr=config.tsm_lr if config.tsm_lr is not None else self.optim.lr)
         self._next_step = 0
-        if config.init_from:
-            load_initial_weights(self.nets, config.init_from, self.name)
 
     @property
     def num_students(self) -> int:
@@ -405,6 +402,8 @@ def text_partition(cfg: Any, teacher: Any, k: int) -> tuple[PCAPartition, dict[s
         raise UserError("msd on a text teacher draws each student's prompts from the data: use data.name=prompts "
                         "(one prompt per line) or a captioned image folder (metadata.jsonl or .txt captions)")
     prompts = list(dict.fromkeys(prompts))  # each distinct prompt once: the partition splits prompts, not images
+    if len(prompts) < k:
+        raise UserError(f"msd.num_students={k} needs at least {k} distinct prompts, got {len(prompts)}")
     with torch.no_grad():
         pooled = torch.cat([pooled_text_embedding(teacher.encode_prompts(prompts[i:i + 64])).cpu()
                             for i in range(0, len(prompts), 64)])

@@ -5,7 +5,8 @@
   with ``mu`` and ``sigma``, EDM fid-refs format), :class:`RefStats` and the reference builders;
 - features: :class:`FeatureExtractor`, :class:`InceptionV3Features`, :class:`DigitsFeatures`,
   :class:`ModuleFeatures`;
-- a generator's scores: :func:`evaluate_fid`, :func:`evaluate_clip` with :class:`ClipScorer`.
+- a generator's scores: :func:`evaluate_fid`, :func:`evaluate_clip` with :class:`ClipScorer`;
+  :func:`prompted_class_accuracy` (text alignment of digits text-to-image models).
 
 Heavy optional pieces (torch-fidelity, open_clip, scikit-learn) are imported only when used.
 """
@@ -26,6 +27,7 @@ from .features import (
 from .fid import FeatureStats, feature_moments, fid_from_features, frechet_distance, load_stats, save_stats
 from .precision_recall import precision_recall
 from .reference import RefStats, digits_ref_stats, folder_ref_stats, npz_ref_stats, resolve_ref_stats
+from .text_digits import PromptedGenerator, class_prompts, prompted_class_accuracy
 
 
 def __getattr__(name: str):
@@ -46,11 +48,13 @@ __all__ = [
     "FeatureStats",
     "InceptionV3Features",
     "ModuleFeatures",
+    "PromptedGenerator",
     "RefStats",
     "as_feature_extractor",
     "balanced_labels",
     "batch_seed",
     "cache_dir",
+    "class_prompts",
     "digits_ref_stats",
     "evaluate_clip",
     "evaluate_fid",
@@ -64,6 +68,7 @@ __all__ = [
     "load_stats",
     "npz_ref_stats",
     "precision_recall",
+    "prompted_class_accuracy",
     "read_prompts",
     "resolve_ref_stats",
     "save_stats",

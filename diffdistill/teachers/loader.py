@@ -7,9 +7,12 @@ Supported layouts (all read with ``from_pretrained(..., local_files_only=True)``
     (``{"num_classes": 10, "sigma_data": 0.5, ...}``; the UNet has ``num_class_embeds = num_classes + 1``);
 (b) a diffusers pipeline folder: ``model_index.json`` + ``unet/`` + ``scheduler/`` (``DDPMPipeline``...);
 (c) Stable Diffusion 1.5 / SDXL: ``unet/ vae/ text_encoder/ tokenizer/ scheduler/`` (+ ``text_encoder_2/
-    tokenizer_2/``);
+    tokenizer_2/``); without ``vae/`` and with no ``vae`` entry in ``model_index.json``, a pixel-space text
+    teacher (``assets/teachers/digits_text``, :mod:`diffdistill.teachers.pixel_text`);
 (d) a run folder written by ``diffdistill teacher train``: its ``teacher/`` sub-folder is layout (a);
-(e) a Hub id: downloaded (needs network), then (b)/(c).
+(e) a Hub id: downloaded (needs network), then (b)/(c);
+(f) an EDM teacher folder: ``edm.json`` + ``model.safetensors`` (EDM's SongUNet / ADM networks; written by
+    ``diffdistill convert edm SNAPSHOT.pkl``, see :mod:`diffdistill.teachers.edm`).
 
 Every missing or unreadable file is a :class:`UserError` naming the file and where it was expected.
 Weights load from safetensors only (never unpickled).
@@ -30,6 +33,7 @@ from ..denoiser import TextCond
 from ..errors import UserError
 from ..students import freeze
 from .bundle import Teacher
+from .edm import EDM_FILE, load_edm_folder
 from .text import load_text_stack
 from .vp import UNET_CLASSES, VPUNetDenoiser
 
@@ -169,6 +173,8 @@ def load_teacher(path: str | os.PathLike, device: torch.device | str = "cpu",
         root = root / "teacher"  # (d) a run folder of `diffdistill teacher train`
     if (root / "unet").is_dir() or (root / "model_index.json").is_file():
         teacher = _load_pipeline_folder(root, dtype, with_unet)
+    elif (root / EDM_FILE).is_file():
+        teacher = load_edm_folder(root, dtype, with_unet)
     elif (root / "config.json").is_file():
         teacher = _load_unet_folder(root, dtype, with_unet)
     elif (root / "transformer").is_dir():
@@ -176,7 +182,8 @@ def load_teacher(path: str | os.PathLike, device: torch.device | str = "cpu",
                         "teachers; wrap other networks in Python (diffdistill.teachers.FlowMatchingDenoiser)")
     else:
         raise UserError(f"teacher folder {root} has no unet/config.json (expected a diffusers pipeline folder with "
-                        "model_index.json and unet/, a UNet folder with config.json, or a run folder with teacher/)")
+                        "model_index.json and unet/, a UNet folder with config.json, an EDM teacher folder with "
+                        "edm.json, or a run folder with teacher/)")
     teacher.path = str(path)
     for module in [teacher.denoiser, teacher.vae, *(teacher.text_encoders or [])]:
         if module is not None:
@@ -219,9 +226,12 @@ def _load_pipeline_folder(root: Path, dtype: torch.dtype, with_unet: bool = True
     sched = _scheduler_config(_require(root, "scheduler/scheduler_config.json", "the pipeline's scheduler config"))
     meta = _read_json(root / META_FILE) if (root / META_FILE).is_file() else {}
     is_text = unet_cls.__name__ == "UNet2DConditionModel"
+    # A text pipeline whose model_index.json names no VAE works on pixels (diffdistill's digits_text teacher).
+    pixel_text = is_text and bool(index) and not has("vae") and "vae" not in index
+    latent = has("vae") or (is_text and not pixel_text)
     if has("vqvae"):
         raise UserError(f"teacher folder {root} has a VQ-VAE (vqvae/); diffdistill loads pixel and KL-VAE latent teachers")
-    if is_text or has("vae"):
+    if latent:
         _require(root, "vae/config.json", "the AutoencoderKL of a latent teacher")
         if _read_json(root / "vae/config.json").get("_class_name", "AutoencoderKL") != "AutoencoderKL":
             raise UserError(f"{root / 'vae/config.json'} is not an AutoencoderKL; diffdistill loads KL-VAE teachers")
@@ -237,7 +247,7 @@ def _load_pipeline_folder(root: Path, dtype: torch.dtype, with_unet: bool = True
             if not ((root / tok_dir / "tokenizer.json").is_file() or (root / tok_dir / "vocab.json").is_file()):
                 raise UserError(f"teacher folder {root} has no {tok_dir}/vocab.json (expected a CLIP tokenizer: "
                                 "vocab.json + merges.txt, or tokenizer.json)")
-    vae_variant = _weights(root, "vae", "diffusion_pytorch_model", "the VAE weights") if is_text or has("vae") else None
+    vae_variant = _weights(root, "vae", "diffusion_pytorch_model", "the VAE weights") if latent else None
 
     if not is_text and not has("vae") and not with_unet:
         return Teacher(denoiser=None, kind="unet", path=str(root), num_classes=meta.get("num_classes"), meta=meta)
@@ -245,10 +255,10 @@ def _load_pipeline_folder(root: Path, dtype: torch.dtype, with_unet: bool = True
     if not is_text and not has("vae"):
         return _pixel_teacher(unet, sched, meta, root)
 
-    vae = _load(AutoencoderKL, root, "vae", vae_variant, dtype)
-    if vae.config.get("force_upcast", False) and dtype == torch.float16:
+    vae = _load(AutoencoderKL, root, "vae", vae_variant, dtype) if latent else None
+    if vae is not None and vae.config.get("force_upcast", False) and dtype == torch.float16:
         vae = vae.float()  # SDXL's VAE overflows in fp16
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
     denoiser = None
     if unet is not None:
         try:
@@ -257,12 +267,15 @@ def _load_pipeline_folder(root: Path, dtype: torch.dtype, with_unet: bool = True
             raise UserError(f"teacher folder {root}: {e}") from None
     from .vp import _sample_hw
 
-    h, w = _sample_hw(_read_json(root / "unet/config.json").get("sample_size"))
+    unet_config = _read_json(root / "unet/config.json")
+    h, w = _sample_hw(unet_config.get("sample_size"))
+    vae_config = vae.config if vae is not None else {}
+    channels = int(vae_config["out_channels"]) if vae is not None else int(unet_config.get("in_channels", 4))
     teacher = Teacher(denoiser=denoiser, kind="unet", path=str(root), vae=vae,
-                      vae_scaling_factor=float(vae.config.get("scaling_factor") or 1.0),
-                      vae_shift_factor=float(vae.config.get("shift_factor") or 0.0),
+                      vae_scaling_factor=float(vae_config.get("scaling_factor") or 1.0),
+                      vae_shift_factor=float(vae_config.get("shift_factor") or 0.0),
                       num_classes=meta.get("num_classes") if denoiser is None else denoiser.num_classes,
-                      image_shape=(int(vae.config.out_channels), h * factor, w * factor), meta=meta)
+                      image_shape=(channels, h * factor, w * factor), meta=meta)
     if is_text:
         teacher.tokenizers, teacher.text_encoders = load_text_stack(root, stack, dtype, text_variants)
         teacher.kind = "sdxl" if len(stack) == 2 else "sd"

@@ -20,10 +20,11 @@ from tqdm.auto import tqdm
 from ..config import Config, config_to_yaml_dict
 from ..errors import UserError
 from ..methods import Method
-from .batches import BatchSource, micro_batch_size
+from .batches import BatchSource, check_guidance_has_conditions, micro_batch_size
 from .build import build_method
 from .checkpoints import latest_checkpoint, list_checkpoints, load_network, load_safetensors, load_torch, \
     read_meta, save_checkpoint
+from .guards import check_data_fits, check_resume, no_half_made_run
 from .stepper import Stepper
 
 
@@ -62,6 +63,22 @@ def checkpoint_meta(cfg: Config, method: Method, stepper: Stepper) -> dict[str, 
             "ema": stepper.ema_meta(), "extra": method.extra_state(), "format": 1}
 
 
+def artefact_info(cfg: Config, step: int, latent: bool = False) -> dict[str, Any]:
+    """The run facts every student artefact of this run records."""
+    return {"method": cfg.method, "teacher": cfg.teacher.path, "guidance_scale": cfg.teacher.guidance_scale,
+            "step": step, "latent": latent}
+
+
+def save_run_artefacts(run_dir: Path, due: dict[str, dict[str, Any]], step: int, cfg: Config, method: Method,
+                       stepper: Stepper, latent: bool = False) -> None:
+    """Write ``method.generator()`` into each run-level artefact folder of ``due`` (``method.artefacts_due``)."""
+    from ..artefact import save_artefact_atomic
+
+    with stepper.ema_weights():
+        for rel, extra in due.items():
+            save_artefact_atomic(method.generator(), run_dir / rel, {**artefact_info(cfg, step, latent), **extra})
+
+
 def save(run_dir: Path, step: int, cfg: Config, method: Method, stepper: Stepper, latent: bool = False) -> Path:
     """Write checkpoint ``step``: networks, optimizer / schedule / EMA state, and the student artefact
     (with the EMA weights when EMA is on), which is what sampling loads."""
@@ -71,9 +88,7 @@ def save(run_dir: Path, step: int, cfg: Config, method: Method, stepper: Stepper
         from ..artefact import save_artefact
 
         with stepper.ema_weights():
-            save_artefact(method.generator(), tmp / "student", {"method": cfg.method, "teacher": cfg.teacher.path,
-                                                                "guidance_scale": cfg.teacher.guidance_scale,
-                                                                "step": step, "latent": latent})
+            save_artefact(method.generator(), tmp / "student", artefact_info(cfg, step, latent))
 
     return save_checkpoint(run_dir, step, method.nets, stepper.state_dict(), checkpoint_meta(cfg, method, stepper),
                            yaml.safe_dump(config_to_yaml_dict(cfg), sort_keys=False), stepper.ema_state(),
@@ -100,6 +115,30 @@ def restore(ckpt: Path, method: Method, stepper: Optional[Stepper] = None) -> in
     return int(meta["step"])
 
 
+def init_from(path: str, method: Method) -> Path:
+    """Start every network of ``method`` that the checkpoint at ``path`` holds (a run folder: its latest) from
+    its weights, strictly (``train.init_from``); returns the checkpoint. Optimizers, schedules and the step
+    start fresh, as the official DMD2 SD1.5 stage 2 (``--ckpt_only_path``) starts from stage 1."""
+    from ..paths import resolve_path
+
+    p = Path(resolve_path(path))
+    ck = p if (p / "meta.json").is_file() else latest_checkpoint(p) if p.is_dir() else None
+    if ck is None:
+        raise UserError(f"train.init_from={path} holds no checkpoint (give a run folder or a checkpoint folder "
+                        "with meta.json)")
+    loaded = []
+    for name, net in method.nets.items():
+        if (ck / f"{name}.safetensors").is_file():
+            load_network(net, ck / f"{name}.safetensors")
+            loaded.append(name)
+    missing = [n for n in method.nets if n.startswith("student") and n not in loaded]
+    if missing or not loaded:  # the generator must come from it; new networks (a stage's GAN head) start fresh
+        raise UserError(f"train.init_from={path}: {ck} has no {(missing or list(method.nets))[0]}.safetensors "
+                        f"(it holds {', '.join(sorted(f.stem for f in ck.glob('*.safetensors'))) or 'no networks'})")
+    print(f"init_from: {', '.join(loaded)} from {ck}", flush=True)
+    return ck
+
+
 def _dataset_for(cfg: Config, method: Method):
     if not method.needs_data or cfg.data.name == "prompts":
         return None
@@ -108,15 +147,24 @@ def _dataset_for(cfg: Config, method: Method):
     return build_dataset(cfg.data)
 
 
-def _prompts_for(cfg: Config) -> Optional[list[str]]:
-    if cfg.data.name != "prompts":
-        return None
-    from ..data import PromptDataset
+def _prompts_for(cfg: Config, method: Method) -> Optional[list[str]]:
+    """The prompts conditions are drawn from: a prompt file, or, for data-free methods (BOOT), the captions of a
+    captioned image folder (each caption as often as it occurs)."""
+    from ..data import training_prompts
 
-    return list(PromptDataset(cfg.data.path))
+    if cfg.data.name == "prompts" or (cfg.data.name == "folder" and not method.needs_data):
+        return training_prompts(cfg.data)
+    return None
 
 
 def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None) -> Path:
+    """Train ``cfg`` into ``cfg.output_dir`` (see :func:`_train`); a run that fails before its first checkpoint
+    removes the folder (or the files) it created (:func:`~diffdistill.training.guards.no_half_made_run`)."""
+    with no_half_made_run(Path(cfg.output_dir)):
+        return _train(cfg, resume, stop_after)
+
+
+def _train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None) -> Path:
     """Train ``cfg`` into ``cfg.output_dir``; ``resume`` continues from its latest checkpoint.
 
     ``stop_after`` ends the loop early after that many steps of this call (tests use it to simulate a
@@ -127,14 +175,27 @@ def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None) -
     run_dir = Path(cfg.output_dir)
     if not resume and list_checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another --output")
+    if resume:
+        check_resume(run_dir, cfg)  # a run to resume, trained with this config (but for the safe keys)
     accelerator = make_accelerator(cfg.train.mixed_precision)
     accum = cfg.train.grad_accum
     micro_batch_size(cfg.train.batch_size, accelerator.num_processes, accum)  # fail before building anything
     method, teacher = build_method(cfg, accelerator.device)
+    if cfg.train.init_from and not (resume and latest_checkpoint(run_dir) is not None):
+        init_from(cfg.train.init_from, method)  # before the Stepper copies weights into its EMA
     dataset = _dataset_for(cfg, method)
+    check_data_fits(cfg, dataset, method.student.net, teacher)  # channels, resolution, classes: before any step
+    prompts = _prompts_for(cfg, method)
+    check_guidance_has_conditions(cfg, teacher, dataset, prompts)
     num_classes = method.student.net.num_classes
+    latents = None
+    if cfg.data.cache_latents and dataset is not None:
+        from ..data.latents import cached_latents
+
+        with accelerator.main_process_first():  # the main process encodes and writes; the others then read
+            latents = cached_latents(dataset, teacher, accelerator.device, write=accelerator.is_main_process)
     source = BatchSource(dataset, teacher, num_classes, cfg.train.batch_size, accelerator.process_index,
-                         accelerator.num_processes, cfg.train.seed, accelerator.device, _prompts_for(cfg))
+                         accelerator.num_processes, cfg.train.seed, accelerator.device, prompts, latents)
     stepper = Stepper(method, accelerator, accum)
     start = 0
     if resume:
@@ -150,6 +211,9 @@ def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None) -
     t0 = time.perf_counter()
     for step in bar:
         logs = stepper.step(source.micro_batches(step, accum), step)
+        due = method.artefacts_due(step + 1)  # e.g. the student of a stage that ends here, before it switches
+        if due and main:
+            save_run_artefacts(run_dir, due, step + 1, cfg, method, stepper, getattr(teacher, "vae", None) is not None)
         logs.update(method.on_step_end(step + 1))
         bad = {k: v for k, v in logs.items() if isinstance(v, float) and not math.isfinite(v)}
         if bad:

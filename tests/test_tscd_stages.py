@@ -1,0 +1,177 @@
+"""TSCD keeps every stage's student (``RUN/stages/steps-K``), and ``--steps K`` samples the K-segment one.
+
+One tiny progressive run (8 -> 4 -> 2 -> 1 segments, two steps per stage, 8-px digits teacher) through the
+training loop, then: the stage artefacts are written at each switch with the weights the stage ended with
+and reload bit-exactly; ``load_generator`` / ``sample`` / ``export`` with ``steps=K`` pick the K-segment
+student; the levels a loaded stage student samples at are exactly the edges its stage trained towards; a
+killed and resumed run ends with the same stage students.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from diffdistill.artefact import load_artefact, read_spec, select_artefact, stage_artefacts
+from diffdistill.checkpoint_io import load_safetensors
+from diffdistill.generator import load_generator
+
+STAGES = {8: 2, 4: 4, 2: 6, 1: 8}  # segments -> the step its stage ends (stage_starts 0, 2, 4, 6; 8 steps)
+
+
+def _cfg(teacher, out, *extra):
+    from diffdistill.config import load_config
+    from diffdistill.paths import resolve_path
+
+    return load_config(resolve_path("configs/digits/tscd.yaml"), [
+        f"output_dir={out}", f"teacher.path={teacher}", "data.resolution=8", "train.steps=8",
+        "tscd.stage_starts=[0,2,4,6]", "train.batch_size=4", "train.checkpoint_every=2", "train.keep_checkpoints=0",
+        "train.sample_every=0", "train.log_every=1", "train.warmup_steps=0", "train.lr=1e-3",
+        "tscd.consistency_param=false", *extra])
+
+
+@pytest.fixture(scope="module")
+def run(tiny_teacher_run, tmp_path_factory):
+    from diffdistill.training.loop import train
+
+    out = tmp_path_factory.mktemp("tscd") / "run"
+    return train(_cfg(tiny_teacher_run, out)), tiny_teacher_run
+
+
+def _state(folder):
+    return load_safetensors(folder / "student.safetensors")
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage_students_are_written_at_each_switch_and_reload_bit_exactly(run):
+    run, _ = run
+    stages = stage_artefacts(run)
+    assert sorted(stages) == [1, 2, 4, 8]
+    for k, end in STAGES.items():
+        folder = stages[k]
+        assert folder == run / "stages" / f"steps-{k}"
+        spec = read_spec(folder)
+        assert (spec["step"], spec["segments"], spec["members"][0]["renoise"]) == (end, k, "ddim")
+        # written before the switch: the weights the stage ended with = the checkpoint at that step
+        # (ema_decay 0), not the next stage's
+        ck = run / "checkpoints" / f"step-{end:07d}"
+        assert _same(_state(folder), load_safetensors(ck / "student.safetensors"))
+        # reloads bit-exactly: the loaded network holds exactly the saved tensors
+        net = load_artefact(folder).model.net
+        assert _same({n: t.detach() for n, t in net.state_dict().items()}, _state(folder))
+    # the stages differ (each trained on), and no stray temporary folders are left
+    assert not _same(_state(stages[8]), _state(stages[4]))
+    assert sorted(p.name for p in (run / "stages").iterdir()) == ["steps-1", "steps-2", "steps-4", "steps-8"]
+
+
+def test_steps_k_picks_the_k_segment_student(run, capsys):
+    from diffdistill.cli import main
+
+    run, _ = run
+    for k in STAGES:
+        gen = load_generator(run, device="cpu", steps=k)
+        assert gen.artefact == run / "stages" / f"steps-{k}" and gen.default_steps == k
+        assert f"using the {k}-step stage student {run / 'stages' / f'steps-{k}'}" in capsys.readouterr().out
+    # no steps: the latest checkpoint's student (the last stage), and nothing printed
+    gen = load_generator(run, device="cpu")
+    assert gen.artefact == run / "checkpoints" / "step-0000008" / "student" and capsys.readouterr().out == ""
+    # no stage with 3 segments: the latest student, regridded, says so
+    gen = load_generator(run, device="cpu", steps=3)
+    assert gen.artefact == run / "checkpoints" / "step-0000008" / "student"
+    assert "no stage student with 3 steps" in capsys.readouterr().out
+    # a checkpoint folder sees only the stages that had ended by its step (steps-2 is written at step 6)
+    ck = run / "checkpoints" / "step-0000004"
+    assert sorted(stage_artefacts(ck)) == [4, 8]
+    assert select_artefact(ck, 4)[0] == run / "stages" / "steps-4"
+    assert select_artefact(ck, 2)[0] == ck / "student"
+    # the command line says which student it sampled
+    assert main(["sample", "--checkpoint", str(run), "--steps", "2", "--num-samples", "3",
+                 "--out", str(run.parent / "samples")]) == 0
+    assert f"using the 2-step stage student {run / 'stages' / 'steps-2'}" in capsys.readouterr().out
+
+
+def test_export_steps_k_exports_that_stage_student(run, tmp_path):
+    from diffdistill.export import export_generator
+
+    run, _ = run
+    for k in (4, 2):
+        exp = export_generator(str(run), str(tmp_path / f"exp{k}"), steps=k)
+        levels = json.loads((exp / "diffdistill.json").read_text())["student"]["levels"]
+        assert levels == read_spec(run / "stages" / f"steps-{k}")["members"][0]["levels"]
+        ours = load_generator(run, device="cpu", steps=k).sample(4, seed=3)
+        theirs = load_generator(exp, device="cpu").sample(4, seed=3)
+        assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_sampling_levels_are_the_edges_each_stage_trained_towards(run, monkeypatch):
+    """Record the (level, edge) jumps of the student's prediction in training, stage by stage, and compare
+    them with the jumps a loaded stage student makes: levels[i] -> levels[i + 1] (DDIM), the last to the
+    boundary t_0."""
+    from diffdistill.config import load_config
+    from diffdistill.methods import consistency_distillation as cdm
+    from diffdistill.methods.base import Batch
+    from diffdistill.training.build import build_method
+
+    run, _ = run
+    cfg = load_config(run / "config.yaml")
+    method, _ = build_method(cfg, "cpu")
+    jumps: list[tuple[float, float]] = []
+    real = cdm.ddim_jump
+
+    def recording(x, x0, sigma, sigma_to):
+        if x0.requires_grad:  # the student's prediction (targets are computed without a graph)
+            jumps.extend(zip(sigma.tolist(), sigma_to.tolist()))
+        return real(x, x0, sigma, sigma_to)
+
+    monkeypatch.setattr(cdm, "ddim_jump", recording)
+    images = torch.rand(512, 1, 8, 8) * 2 - 1
+    labels = torch.arange(512) % 10
+    bottom = float(method.grid[0])
+    for stage, (k, end) in enumerate(STAGES.items()):
+        jumps.clear()
+        method.train_step(Batch(images, labels, torch.Generator().manual_seed(stage), 512), end - 1)
+        assert method.stage == stage
+        trained = set(jumps)
+        levels = load_generator(run, device="cpu", steps=k).model.levels_for(k)
+        assert len(levels) == k and levels == method.student.levels
+        sampled = list(zip(levels, levels[1:] + [bottom]))
+        assert all(j in trained for j in sampled), (sampled, sorted(trained))
+        # every edge training jumps to is a sampling level (or the boundary), and every level is a segment top
+        assert {e for _, e in trained} == set(levels[1:]) | {bottom}
+        assert max(s for s, _ in trained) == levels[0]
+
+
+def test_a_killed_and_resumed_run_keeps_the_same_stage_students(run, tmp_path):
+    from diffdistill.training.loop import train
+
+    run, teacher = run
+    # checkpoints every 3 steps: killed at step 5, after stages 8 (step 2) and 4 (step 4) were kept, resumed
+    # from step 3: steps-4 (written after that checkpoint) is rewritten by the replayed steps
+    cfg = _cfg(teacher, tmp_path / "run", "train.checkpoint_every=3")
+    train(cfg, stop_after=5)
+    assert sorted(stage_artefacts(tmp_path / "run")) == [4, 8]
+    kept = _state(tmp_path / "run" / "stages" / "steps-8")
+    (tmp_path / "run" / "stages" / ".steps-2.tmp-1").mkdir()  # a write killed half-way
+    train(cfg, resume=True)
+    assert _same(kept, _state(tmp_path / "run" / "stages" / "steps-8"))
+    for k in STAGES:
+        assert _same(_state(run / "stages" / f"steps-{k}"), _state(tmp_path / "run" / "stages" / f"steps-{k}")), k
+    assert sorted(p.name for p in (tmp_path / "run" / "stages").iterdir()) == [
+        "steps-1", "steps-2", "steps-4", "steps-8"]
+
+
+def test_a_fresh_run_in_a_folder_with_old_stage_students_removes_them(run, tmp_path):
+    from diffdistill.training.loop import train
+
+    run, teacher = run
+    out = tmp_path / "run"
+    shutil.copytree(run / "stages", out / "stages")  # stages of an abandoned run, no checkpoints
+    train(_cfg(teacher, out, "train.steps=3", "tscd.stage_starts=[0,1,2,3]"))
+    spec = {k: read_spec(d) for k, d in stage_artefacts(out).items()}
+    assert sorted(spec) == [2, 4, 8] and all(s["step"] <= 3 for s in spec.values())
