@@ -36,15 +36,14 @@ differences ~1e-5); otherwise one line says why.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
-import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from .errors import UserError
+from .paths import atomic_folder
 
 MAX_CONSISTENCY_GAP = 1e-3  # |f - D| bound (images in [-1, 1]) below which a consistency student exports
 CARD = "README.md"
@@ -202,23 +201,6 @@ image = pipe("a photo of a cat", num_inference_steps={k}, guidance_scale=0).imag
 """
 
 
-@contextlib.contextmanager
-def _atomic_folder(dest: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``dest`` to write into; on success it replaces the (empty or absent)
-    ``dest``, on any failure it is removed, so an export is whole or absent."""
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if dest.exists():
-            dest.rmdir()
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 # --------------------------------------------------------------------------------------------------
 # Export
 def export_generator(checkpoint: str, out: str, merge: bool = False, steps: Optional[int] = None) -> Path:
@@ -301,7 +283,7 @@ def export_generator(checkpoint: str, out: str, merge: bool = False, steps: Opti
             "student": {"levels": levels, "renoise": renoise, "wrapper": {"type": "plain"}, "steps": k,
                         "scheduler": sched_name, "lora": lora and not merge}}
 
-    with _atomic_folder(dest) as tmp:
+    with atomic_folder(dest) as tmp:
         if text and lora and not merge:
             _write_lora(tmp, bare, art, sched)
             code = _text_code(k, True, facts["teacher"], sched_name)
@@ -337,7 +319,7 @@ def _export_denoiser(art: Any, dest: Path, source: str) -> Path:
     net = art.model
     if not isinstance(net, VPUNetDenoiser):
         raise UserError(f"only diffusers-UNet networks can be exported; this one is a {type(net).__name__}")
-    with _atomic_folder(dest) as tmp:
+    with atomic_folder(dest) as tmp:
         net.unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
         ddpm_from_config(net.scheduler_config).save_pretrained(str(tmp / "scheduler"))
         _write_index(tmp, {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
@@ -447,7 +429,7 @@ def _export_routed(art: Any, folder: Path, dest: Path, checkpoint: str, source: 
             "method": facts["method"], "teacher": facts["teacher"], "router": router,
             "student": {"levels": levels, "renoise": model.renoise, "wrapper": {"type": "plain"}, "steps": k,
                         "scheduler": sched_name, "members": names}}
-    with _atomic_folder(dest) as tmp:
+    with atomic_folder(dest) as tmp:
         for name, unet, sched in parts:
             unet.save_pretrained(str(tmp / name / "unet"), safe_serialization=True)
             sched.save_pretrained(str(tmp / name / "scheduler"))

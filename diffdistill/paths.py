@@ -8,8 +8,12 @@ into real paths from any working directory. Light on purpose: no torch, nothing 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 from importlib.resources import files
 from pathlib import Path, PurePosixPath
+from typing import Iterator
 
 from .errors import UserError
 
@@ -76,4 +80,29 @@ def shipped_config(name: str) -> str:
     return found
 
 
-__all__ = ["DEFAULT_TEACHER", "REPO_ROOT", "SHIPPED_PACKAGES", "resolve_path", "shipped_config"]
+@contextlib.contextmanager
+def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``dest`` to write a whole folder into. On success it takes ``dest``'s place
+    (an existing ``dest`` is moved aside first and removed after, so readers see the old folder or the new
+    one, never half of either); on any failure the temporary folder is removed and ``dest`` is untouched."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dest.exists():
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
+__all__ = ["DEFAULT_TEACHER", "REPO_ROOT", "SHIPPED_PACKAGES", "atomic_folder", "resolve_path", "shipped_config"]

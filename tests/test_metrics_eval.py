@@ -121,7 +121,7 @@ def _parse(argv):
 
 
 def test_cli_eval_fid_writes_json(digits, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(diffdistill, "load_generator", lambda path: FakeDigitsGenerator())
+    monkeypatch.setattr(diffdistill, "load_generator", lambda path, **options: FakeDigitsGenerator())
     out = tmp_path / "fid.json"
     args = _parse(["eval", "fid", "--checkpoint", str(tmp_path), "--num-samples", "100", "--steps", "2",
                    "--out", str(out), "--ref-dataset", "digits", "--batch-size", "50"])
@@ -141,7 +141,7 @@ def test_cli_eval_fid_writes_json(digits, tmp_path, monkeypatch, capsys):
 
 
 def test_cli_eval_fid_user_errors(tmp_path, monkeypatch):
-    monkeypatch.setattr(diffdistill, "load_generator", lambda path: FakeDigitsGenerator())
+    monkeypatch.setattr(diffdistill, "load_generator", lambda path, **options: FakeDigitsGenerator())
     base = ["eval", "fid", "--checkpoint", str(tmp_path), "--num-samples", "10", "--out", str(tmp_path / "o.json")]
     with pytest.raises(UserError, match="weights-inception-2015-12-05-6726825d.pth.*--inception-weights FILE"):
         run_eval(_parse(base + ["--features", "inception"]))
@@ -247,7 +247,7 @@ def test_evaluate_fid_with_a_real_generator_is_batch_size_independent(digits, ti
 
 def test_diffdistill_cli_main_runs_eval_and_reports_user_errors(digits, tmp_path, monkeypatch, capsys):
     cli = pytest.importorskip("diffdistill.cli")
-    monkeypatch.setattr(diffdistill, "load_generator", lambda path: FakeDigitsGenerator())
+    monkeypatch.setattr(diffdistill, "load_generator", lambda path, **options: FakeDigitsGenerator())
     out = tmp_path / "r.json"
     base = ["eval", "fid", "--checkpoint", str(tmp_path), "--num-samples", "40", "--out", str(out)]
     assert cli.main(base) == 0 and json.loads(out.read_text())["reference"]["name"] == "digits"
