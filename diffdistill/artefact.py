@@ -318,27 +318,11 @@ def stage_dir(run_dir: str | Path, steps: int) -> Path:
 def save_artefact_atomic(model: Any, folder: str | Path, info: dict) -> Path:
     """:func:`save_artefact` into a temporary sibling of ``folder``, then renamed into place (an earlier
     ``folder`` is replaced only once the new one is whole), so readers see the old artefact or the new one."""
-    import os
-    import shutil
+    from .paths import atomic_folder
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    with atomic_folder(folder) as tmp:
         save_artefact(model, tmp, info)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
-    return folder
+    return Path(folder)
 
 
 def _run_and_step(path: Path) -> tuple[Path, Optional[int]]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -230,24 +229,13 @@ def save_edm_folder(denoiser: EDMNetDenoiser, folder: str | os.PathLike, source:
     the architecture only."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    from ..paths import atomic_folder
+
+    with atomic_folder(folder) as tmp:
         spec = {"format": FORMAT, **denoiser.spec(), "weights": WEIGHTS_FILE if weights else None,
                 "source": source or {}}
         if weights:
             state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in denoiser.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_FILE))
         (tmp / EDM_FILE).write_text(json.dumps(spec, indent=2))
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
+    return Path(folder)

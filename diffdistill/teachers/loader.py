@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -300,17 +299,10 @@ def save_teacher_folder(unet: Any, scheduler: Any, folder: str | os.PathLike, me
         from .vp import ddpm_from_config
 
         scheduler = ddpm_from_config(scheduler)
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    unet.save_pretrained(str(tmp), safe_serialization=True)
-    scheduler.save_pretrained(str(tmp))  # scheduler_config.json
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+    from ..paths import atomic_folder
+
+    with atomic_folder(folder) as tmp:
+        unet.save_pretrained(str(tmp), safe_serialization=True)
+        scheduler.save_pretrained(str(tmp))  # scheduler_config.json
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return Path(folder)
