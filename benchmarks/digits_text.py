@@ -65,7 +65,8 @@ def main() -> None:
               f"{seen['accuracy']:.4f} ({row['seconds']:.0f} s)", flush=True)
     print(f"\nheld-out phrasings: {args.num_samples} class-balanced samples (FID + accuracy); training phrasings: "
           f"{args.train_samples} samples; digit classifier test accuracy {ext.test_accuracy:.4f}\n")
-    print("| model | steps | NFE | digits FID (held-out prompts) | class acc. held-out | worst class | class acc. training |")
+    print("| model | steps | NFE | digits FID (held-out prompts) | class acc. held-out | worst class "
+          "| class acc. training |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['steps']} | {r['nfe']} | {r['fid_heldout']:.3f} | {r['acc_heldout']:.4f} | "

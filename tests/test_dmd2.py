@@ -34,8 +34,8 @@ from diffdistill.toy import (
 from tests.conftest import one_and_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ["digits/dmd2.yaml", "digits/dmd2_4step.yaml", "cifar10/dmd2.yaml", "imagenet64/dmd2.yaml",
-           "sd15/dmd2.yaml", "sdxl/dmd2_4step.yaml"]
+CONFIGS = ["digits/dmd2.yaml", "digits/dmd2_long.yaml", "digits/dmd2_4step.yaml", "cifar10/dmd2.yaml",
+           "imagenet64/dmd2.yaml", "sd15/dmd2.yaml", "sdxl/dmd2_4step.yaml"]
 
 
 def _batch(step: int, n: int = 32, images=None) -> Batch:
@@ -209,6 +209,14 @@ def test_backward_simulation_keeps_earlier_steps_out_of_the_graph():
         assert not calls[-1][1]  # its input carries no graph from the simulated steps
         assert [c[2] for c in calls] == pytest.approx(levels[: k + 1])
     assert set(depths) == set(range(len(levels)))
+
+
+def test_level_shares_set_how_often_each_level_is_trained():
+    m = _toy_method(levels=[80.0, 5.0, 1.0, 0.2], level_shares=[0, 1, 0, 3])
+    ks = Counter(m.generator_input(_batch(s, 4))[3] for s in range(200))
+    assert set(ks) == {1, 3} and 0.6 < ks[3] / 200 < 0.9
+    with pytest.raises(UserError, match="level_shares needs one non-negative share per student level"):
+        _toy_method(levels=[80.0, 5.0], level_shares=[1.0])
 
 
 def test_training_is_reproducible():

@@ -88,6 +88,8 @@ class DMD2Config:
     lr: Optional[PositiveFloat] = None  # generator lr (None: train.lr); 2e-6 ImageNet, 5e-7 SD1.5/SDXL with GAN
     lr_fake: Optional[PositiveFloat] = None  # fake score and GAN head lr (None: the generator's); official: equal
     backward_simulation: bool = True  # K-step: train level k on the generator's own samples (else real data)
+    # K-step: relative share of generator turns trained at each level, one number per level (null: uniform, official)
+    level_shares: Optional[list[NonNegFloat]] = None
     # class-conditional generator labels: 'random' (official) or 'batch'
     generator_labels: Literal["random", "batch"] = "random"
 
@@ -156,6 +158,10 @@ class DMD2(Method):
                  optim: Optional[OptimConfig] = None, total_steps: int = 1000,
                  fake_score: Optional[Denoiser] = None, generator_classes: Optional[Sequence[int]] = None) -> None:
         _validate(config, self.name)
+        shares = config.level_shares
+        if shares is not None and (len(shares) != len(student.levels) or sum(shares) <= 0):
+            raise UserError(f"{self.name}.level_shares needs one non-negative share per student level "
+                            f"({len(student.levels)}, not all zero), got {list(shares)}")
         if getattr(teacher, "untrained", False):
             raise UserError(f"{self.name} distils a trained teacher; this teacher folder names an architecture only "
                             "(edm.json with \"weights\": null)")
@@ -324,7 +330,17 @@ class DMD2(Method):
             return levels[0] * z, levels[0], cond, 0
         # one level for the whole batch; a draw not shaped by the batch is the same on every process
         # (Batch's contract), as the official code broadcasts it from process 0
-        k = min(int(float(batch.rand(())) * len(levels)), len(levels) - 1)
+        u = float(batch.rand(()))
+        shares = self.config.level_shares
+        if shares is None:
+            k = min(int(u * len(levels)), len(levels) - 1)
+        else:  # checked against the levels in __init__
+            cum, k = 0.0, len(levels) - 1
+            for i, w in enumerate(shares):
+                cum += w / sum(shares)
+                if u < cum:
+                    k = i
+                    break
         if k == 0:
             return levels[0] * z, levels[0], cond, 0
         if not self.config.backward_simulation:  # official "denoising" without simulation: real data

@@ -67,6 +67,10 @@ class DSMConfig:
         field(default_factory=dict)
     train_text_encoder: bool = True  # train the text encoder with the UNet (false: frozen at its random init)
     text_max_length: PositiveInt = 24  # tokens per prompt (with start / end), the encoder's positions
+    # probability that a caption gets 1..caption_noise_tokens random vocabulary tokens inserted at random
+    # places (robustness to words that carry no meaning for the image; text teachers only)
+    caption_noise: Probability = 0.0
+    caption_noise_tokens: PositiveInt = 2
 
 
 class DSM(Method):

@@ -48,6 +48,7 @@ class TextDSM(DSM):
         super().__init__(student, config, optim, total_steps, meta)
         self.tokenizer = tokenizer
         self.phrase_ids = phrase_ids  # [classes, phrasings, L] token ids of every training phrasing
+        self._noise_ids: Optional[torch.Tensor] = None  # the token ids caption noise draws from
 
     @classmethod
     def from_config(cls, cfg, optim, device):
@@ -113,15 +114,41 @@ class TextDSM(DSM):
         noise = batch.randn(x0.shape, device=x0.device)
         k = batch.randint(self.phrase_ids.shape[1], (b,), device=self.phrase_ids.device)
         ids = self.phrase_ids[labels.to(self.phrase_ids.device), k]
+        drop = torch.zeros(b, dtype=torch.bool, device=ids.device)
         if c.label_dropout > 0:
             drop = batch.rand((b,), device=ids.device) < c.label_dropout
             ids = torch.where(drop[:, None], net.null_ids.to(ids.device).expand_as(ids), ids)
+        if c.caption_noise > 0:
+            ids = self.caption_noise(ids, ~drop, batch)
         x0_hat = self.wrapped["student"](x0 + sigma.view(-1, *[1] * (x0.ndim - 1)) * noise, sigma, ids)
         weight = {"v_prediction": (1 + sigma**2) / sigma**2, "epsilon": 1 / sigma**2,
                   "sample": torch.ones_like(sigma)}[c.prediction_type]
         per_sample = ((x0_hat - x0) ** 2).flatten(1).mean(1)
         loss = (weight * per_sample).mean()
         return StepOutput({"student": loss}, {"loss": float(loss.detach())})
+
+    def caption_noise(self, ids: torch.Tensor, eligible: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Insert 1..``caption_noise_tokens`` random vocabulary tokens at random places of the captions chosen
+        with probability ``caption_noise`` among ``eligible`` (not the empty prompt): the encoder learns that
+        words which say nothing about the image change nothing (any word, or sub-word piece, of the vocabulary)."""
+        c: DSMConfig = self.config
+        tok = self.tokenizer
+        b, length = ids.shape
+        if self._noise_ids is None:
+            special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+            self._noise_ids = torch.tensor([i for i in range(len(tok)) if i not in special], device=ids.device)
+        chosen = (batch.rand((b,), device=ids.device) < c.caption_noise) & eligible
+        count = 1 + batch.randint(c.caption_noise_tokens, (b,), device=ids.device)
+        arange = torch.arange(length, device=ids.device)
+        for j in range(c.caption_noise_tokens):
+            words = (ids != tok.eos_token_id).sum(1)  # start token + words (padding is the end token)
+            pos = 1 + (batch.rand((b,), device=ids.device) * words).long().clamp(max=words - 1)
+            token = self._noise_ids[batch.randint(len(self._noise_ids), (b,), device=ids.device)]
+            active = chosen & (count > j) & (words < length - 1)
+            shifted = torch.cat([ids[:, :1], ids[:, :-1]], dim=1)
+            new = torch.where(arange < pos[:, None], ids, torch.where(arange == pos[:, None], token[:, None], shifted))
+            ids = torch.where(active[:, None], new, ids)
+        return ids
 
     def generator(self):
         """The text-conditional denoiser (sampled with an ODE solver; no prompt = the empty prompt)."""
@@ -135,5 +162,6 @@ class TextDSM(DSM):
         from ..teachers.pixel_text import save_pixel_text_teacher
 
         net = self.student.net
-        save_pixel_text_teacher(net.den.unet, net.text_encoder, self.tokenizer,
-                                DDPMScheduler.from_config(net.den.scheduler_config), Path(run_dir) / "teacher", self.meta)
+        scheduler = DDPMScheduler.from_config(net.den.scheduler_config)
+        save_pixel_text_teacher(net.den.unet, net.text_encoder, self.tokenizer, scheduler, Path(run_dir) / "teacher",
+                                self.meta)

@@ -123,8 +123,10 @@ def prompted_class_accuracy(generator: Any, phrasings_per_class: Sequence[Sequen
         ref = digits_ref_stats(extractor)
         fid = frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
     nfe = generator.nfe(steps) if hasattr(generator, "nfe") else None
-    return {"accuracy": float(correct.float().mean()),
-            "per_class": [float(correct[cls == c].float().mean()) if (cls == c).any() else None for c in range(n_cls)],
-            "per_phrasing": [float(correct[phr == k].float().mean()) if (phr == k).any() else None for k in range(n_phr)],
-            "num_samples": num_samples, "steps": steps if steps is not None else getattr(generator, "default_steps", None),
-            "nfe": nfe, "seed": seed, "fid": fid, "classifier_test_accuracy": getattr(extractor, "test_accuracy", None)}
+    def mean(sel: Tensor) -> Optional[float]:
+        return float(correct[sel].float().mean()) if sel.any() else None
+
+    return {"accuracy": float(correct.float().mean()), "per_class": [mean(cls == c) for c in range(n_cls)],
+            "per_phrasing": [mean(phr == k) for k in range(n_phr)], "num_samples": num_samples,
+            "steps": steps if steps is not None else getattr(generator, "default_steps", None), "nfe": nfe,
+            "seed": seed, "fid": fid, "classifier_test_accuracy": getattr(extractor, "test_accuracy", None)}

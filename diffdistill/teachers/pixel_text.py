@@ -189,7 +189,8 @@ def save_pixel_text_teacher(unet: nn.Module, text_encoder: nn.Module, tokenizer:
             backend.model.save(str(tmp / "tokenizer"))
         scheduler.save_pretrained(str(tmp / "scheduler"))
         index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__,
-                 "unet": ["diffusers", type(unet).__name__], "text_encoder": ["transformers", type(text_encoder).__name__],
+                 "unet": ["diffusers", type(unet).__name__],
+                 "text_encoder": ["transformers", type(text_encoder).__name__],
                  "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", type(scheduler).__name__]}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
