@@ -94,6 +94,7 @@ class TextDSM(DSM):
             cfg.teacher.path = str((run_dir / "teacher").resolve())
         meta = {"sigma_data": 0.5, "data": cfg.data.name, "resolution": cfg.data.resolution, "channels": channels,
                 "text": True, "train_text_encoder": bool(c.train_text_encoder), "label_dropout": c.label_dropout,
+                "caption_noise": c.caption_noise, "caption_noise_tokens": c.caption_noise_tokens,
                 "train_phrasings": phrasings, "trained_by": "diffdistill teacher train"}
         heldout = getattr(data, "heldout_phrasings", None)
         if heldout:
