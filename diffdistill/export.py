@@ -10,6 +10,12 @@ What is written, by student kind (the student comes from its artefact, :mod:`dif
 - LoRA students: ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(dir)`` accepts on the
   teacher pipeline (text UNets), plus ``scheduler/`` and the artefact itself; ``--merge`` writes full
   weights instead (the only way for pixel ``UNet2DModel``, which has no diffusers LoRA loader);
+- multi-student (MSD) artefacts: ``student_k/unet`` + ``student_k/scheduler`` per member, ``router.json`` and
+  the artefact (``student/``). Routed by class label: ``router.json`` maps labels to members (+ ``vae/`` for
+  latent teachers). Routed by prompt (SD 1.5 / SDXL teachers, ``msd.partition: pca``): a whole pipeline
+  folder for the shared VAE / text encoders / tokenizers (its ``unet/`` is member 0's) and ``router.json``
+  = the PCA tree over pooled prompt embeddings; the card encodes prompts with ``pipe.encode_prompt``, routes
+  each one and samples it with its own member (pixel text teachers, without a VAE, have no pipeline class);
 - every export: ``diffdistill.json`` (levels, re-noising, wrapper: ``diffdistill sample --checkpoint DIR``
   samples it in its own steps) and a model card ``README.md`` with the code that samples it.
 
@@ -231,7 +237,9 @@ def export_generator(checkpoint: str, out: str, merge: bool = False, steps: Opti
     art = load_artefact(folder, "cpu")
     spec = art.spec
     if spec.get("router"):
-        return _export_routed(art, folder, dest, str(checkpoint), source, merge, steps)
+        from .export_routed import export_routed
+
+        return export_routed(art, folder, dest, str(checkpoint), source, merge, steps)
     if spec["kind"] != "student":
         return _export_denoiser(art, dest, str(checkpoint))
     student = art.model
@@ -337,111 +345,6 @@ def _export_denoiser(art: Any, dest: Path, source: str) -> Path:
     return dest
 
 
-# --------------------------------------------------------------------------------------------------
-# Routed (multi-student) artefacts
-def _routed_code(sched_name: str, k: int, shape: tuple, num_classes: int, latent: bool) -> str:
-    """The card's code: each label goes to its member (``router.json``), each member samples its own
-    samples with its own UNet and scheduler, and the images are put back in label order."""
-    c, h, w = shape
-    vae = decode = ""
-    if latent:
-        vae = 'vae = AutoencoderKL.from_pretrained(DIR, subfolder="vae")\n'
-        decode = "    images = vae.decode(images / vae.config.scaling_factor).sample\n"
-    return f"""import json
-import torch
-from diffusers import {"AutoencoderKL, " if latent else ""}UNet2DModel, {sched_name}
-
-DIR = "path/to/this/folder"
-router = json.load(open(f"{{DIR}}/router.json"))  # which student serves which class label
-members = [(UNet2DModel.from_pretrained(DIR, subfolder=f"{{m}}/unet"),
-            {sched_name}.from_pretrained(DIR, subfolder=f"{{m}}/scheduler")) for m in router["members"]]
-{vae}generator = torch.Generator().manual_seed(0)
-labels = torch.arange(16) % {num_classes}  # classes 0..{num_classes - 1}
-x = torch.randn((16, {c}, {h}, {w}), generator=generator)
-member = torch.tensor(router["student_of_label"])[labels]
-images = torch.empty_like(x)
-with torch.no_grad():
-    for k, (unet, scheduler) in enumerate(members):
-        idx = (member == k).nonzero().squeeze(1)  # this student's samples; put back in place below
-        if len(idx) == 0:
-            continue
-        scheduler.set_timesteps({k})  # the students' own {k} step(s)
-        xk = x[idx] * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            out = unet(scheduler.scale_model_input(xk, t), t, class_labels=labels[idx]).sample
-            xk = scheduler.step(out, t, xk, generator=generator).prev_sample
-        images[idx] = xk
-{decode}    images = (images.clamp(-1, 1) + 1) / 2  # [16, C, H, W] in [0, 1]
-"""
-
-
-def _export_routed(art: Any, folder: Path, dest: Path, checkpoint: str, source: Path, merge: bool,
-                   steps: Optional[int]) -> Path:
-    """A multi-student (MSD) artefact: one sub-folder per member (``student_k/unet``, ``student_k/scheduler``),
-    ``router.json`` (label -> member), the artefact itself (``student/``, so ``diffdistill sample`` and
-    ``load_generator`` take the folder) and a card whose code routes each label to its member."""
-    from .artefact import _wrapper_of
-    from .teachers.vp import VPUNetDenoiser
-
-    spec, model = art.spec, art.model
-    if getattr(model, "text_partition", None) is not None:
-        raise UserError("students routed by prompt (MSD on a text teacher) cannot be exported as a diffusers folder "
-                        "yet; sample them with diffdistill sample --checkpoint RUN --prompts FILE")
-    names = [m["name"] for m in spec["members"]]
-    latent = art.components is not None and art.components.vae is not None
-    parts, levels, sched_name = [], None, None
-    for name, entry, member in zip(names, spec["members"], model.members):
-        wrapper, bare = _wrapper_of(member)
-        if wrapper["type"] != "plain" or not isinstance(bare, VPUNetDenoiser) or getattr(bare, "is_text", False):
-            raise UserError(f"routed students export as class-conditional diffusers UNets with plain x0 outputs; "
-                            f"member {name} is a {type(bare).__name__} with a {wrapper['type']} wrapper")
-        if entry.get("lora") and not merge:
-            raise UserError("diffusers has no LoRA loader for a pixel UNet2DModel: export these LoRA students with "
-                            "--merge (full weights)")
-        levels = member.levels_for(steps) if steps is not None else list(member.levels)
-        sched = student_scheduler(bare.scheduler_config, levels, member.renoise)
-        sched_name = type(sched).__name__
-        unet = bare.unet
-        if entry.get("lora"):
-            from .students import merge_lora
-
-            unet = merge_lora(bare).unet
-        parts.append((name, unet, sched))
-    bare = _wrapper_of(model.members[0])[1]
-    n = bare.num_classes
-    groups = [list(g) for g in model.groups]
-    member_of = {c: k for k, g in enumerate(groups) for c in g}
-    router = {"type": "classes", "members": names, "groups": groups,
-              "student_of_label": [member_of.get(c, -1) for c in range(n)]}
-    k = len(levels)
-    shape = bare.sample_shape if not latent else art.components.image_shape
-    timesteps = [round(float(t), 3) for t in parts[0][2].timesteps]
-    facts = {"method": spec.get("method", "?"), "teacher": spec.get("teacher"), "source": checkpoint,
-             "step": spec.get("step"), "steps": k, "levels": levels, "timesteps": timesteps,
-             "scheduler": sched_name, "tolerance": "1e-4 (the same maths; float32 rounding only)",
-             "conditioning": f"class labels 0..{n - 1}, routed to {len(names)} students (router.json)",
-             "notes": [f"student {i} serves classes {', '.join(map(str, g))}" for i, g in enumerate(groups)]
-             + ["one network evaluation per sample and step: each sample runs only its own student"]}
-    fid = _known_fid(source, facts["method"], k)
-    if fid is not None:
-        facts.update(fid=fid, fid_source="diffdistill quickstart report.json")
-    meta = {"num_classes": n, "sigma_data": bare.sigma_data, "exported_by": "diffdistill export",
-            "method": facts["method"], "teacher": facts["teacher"], "router": router,
-            "student": {"levels": levels, "renoise": model.renoise, "wrapper": {"type": "plain"}, "steps": k,
-                        "scheduler": sched_name, "members": names}}
-    with atomic_folder(dest) as tmp:
-        for name, unet, sched in parts:
-            unet.save_pretrained(str(tmp / name / "unet"), safe_serialization=True)
-            sched.save_pretrained(str(tmp / name / "scheduler"))
-        if latent:
-            art.components.vae.save_pretrained(str(tmp / "vae"), safe_serialization=True)
-        shutil.copytree(folder, tmp / "student")  # the artefact: diffdistill samples the export from it
-        (tmp / "router.json").write_text(json.dumps(router, indent=2))
-        (tmp / "diffdistill.json").write_text(json.dumps(meta, indent=2))
-        (tmp / CARD).write_text(_card(facts, _routed_code(sched_name, k, tuple(shape), n, latent)))
-    return dest
-
-
 def _write_index(folder: Path, index: dict) -> None:
     import diffusers
 
@@ -449,13 +352,19 @@ def _write_index(folder: Path, index: dict) -> None:
                                                         indent=2))
 
 
-def _text_pipeline(unet: Any, art: Any, sched: Any):
+def _check_text_components(art: Any) -> None:
+    """A text student exports as a StableDiffusion(XL)Pipeline: its teacher's text encoders and VAE are needed."""
     comps = art.components
     if comps is None or not comps.text_encoders:
         raise UserError("a text student needs its teacher's text encoders and VAE to export a pipeline")
     if comps.vae is None:  # e.g. students of assets/teachers/digits_text
         raise UserError("a pixel-space text student (its teacher has no VAE) has no diffusers pipeline class to export "
                         "to; sample it with `diffdistill sample --prompts FILE`")
+
+
+def _text_pipeline(unet: Any, art: Any, sched: Any):
+    _check_text_components(art)
+    comps = art.components
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if len(comps.text_encoders) == 2:

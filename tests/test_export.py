@@ -21,6 +21,7 @@ from diffdistill.artefact import load_artefact, save_artefact
 from diffdistill.errors import UserError
 from diffdistill.export import export_generator
 from diffdistill.generator import load_generator
+from diffdistill.partitions import PCAPartition, pooled_text_embedding
 from diffdistill.schedules import timestep_levels
 from diffdistill.seeding import mix_seed
 from diffdistill.students import RoutedStudent, Student, build_student_net
@@ -29,6 +30,7 @@ from diffdistill.teachers import load_teacher
 from .test_teachers import sd_pipeline
 
 DIGITS = str(Path(__file__).resolve().parents[1] / "assets" / "teachers" / "digits")
+DIGITS_TEXT = str(Path(__file__).resolve().parents[1] / "assets" / "teachers" / "digits_text")
 
 
 def _perturb(net: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> None:
@@ -245,6 +247,96 @@ def test_text_student_exports_a_pipeline_or_an_adapter(tmp_path, sdxl, kind):
     assert gen.nfe() == 2
     ours = gen.decode(_ours(gen, z, gen.encode_prompts(prompts), vp=True))
     assert ((ours.clamp(-1, 1) + 1) / 2 - theirs).abs().max().item() < 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-student text-to-image: students routed by prompt (MSD, msd.partition: pca)
+ROUTED_PROMPTS = ["a cat", "a cab", "abc", "ca ca", "the bat", "a dog", "zebra", "quiet fox", "big owl"]
+CARD_HOOKS = """evaluated = [0] * len(students)  # samples each student's UNet evaluated, summed over steps
+for j, (u, _) in enumerate(students):
+    u.register_forward_pre_hook(lambda mod, args, j=j: evaluated.__setitem__(j, evaluated[j] + len(args[0])))
+"""
+
+
+def _card_code(exp: Path, prompts: list[str]) -> str:
+    """The card's sampling code as written, on this folder and these prompts, saving what it computed."""
+    import re
+
+    code = (exp / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    code = code.replace('DIR = "path/to/this/folder"', f"DIR = {str(exp)!r}")
+    code, n = re.subn(r"^prompts = .*$", lambda m: CARD_HOOKS + f"prompts = {prompts!r}", code, count=1, flags=re.MULTILINE)
+    assert n == 1 and "import diffdistill" not in code and "from diffdistill" not in code
+    return code + ('torch.save({"student": student, "images": images, "latents": latents, "evaluated": evaluated,'
+                   ' "pil": len(pil_images)}, "out.pt")\n')
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_prompt_routed_students_export_and_the_cards_code_samples_them(tmp_path, sdxl):
+    """Three 2-step students behind a PCA prompt router: the card's code (plain diffusers) routes every prompt
+    as diffdistill does and gives diffdistill's images from the same noise, one evaluation per sample and step."""
+    pipe = sd_pipeline(tmp_path, sdxl=sdxl)
+    pipe.save_pretrained(tmp_path / "teacher")
+    teacher = load_teacher(tmp_path / "teacher")
+    levels = timestep_levels(teacher.denoiser.sigma_grid(), 2)
+    members = []
+    for k in range(3):
+        net = build_student_net(teacher.denoiser, "copy")
+        _perturb(net, 20 + k, 0.05)
+        members.append(Student(net, levels, "fresh"))
+    part = PCAPartition.fit(pooled_text_embedding(teacher.encode_prompts(ROUTED_PROMPTS)), 3)
+    save_artefact(RoutedStudent(members, part), tmp_path / "art",
+                  {"method": "msd", "teacher": str(tmp_path / "teacher"), "latent": True})
+    exp = export_generator(str(tmp_path / "art"), str(tmp_path / "exp"))
+
+    index = json.loads((exp / "model_index.json").read_text())
+    assert index["_class_name"] == ("StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline")
+    names = [f"student_{k}" for k in range(3)]
+    for name in names:
+        assert (exp / name / "unet" / "config.json").is_file()
+        assert json.loads((exp / name / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \
+            "LCMScheduler"
+    router = json.loads((exp / "router.json").read_text())
+    assert router["members"] == names and router["num_students"] == 3
+    assert router["embedding"] == ("pooled_prompt_embeds" if sdxl else "mean_of_prompt_embeds")
+    assert PCAPartition.from_json(router).tree == part.tree
+    assert (exp / "student" / "student.json").is_file() and "router.json" in (exp / "README.md").read_text()
+
+    _run_diffusers(_card_code(exp, ROUTED_PROMPTS), tmp_path)
+    theirs = torch.load(tmp_path / "out.pt")
+    gen = load_generator(exp, device="cpu")  # the export, as `diffdistill sample --checkpoint EXPORT` reads it
+    assert isinstance(gen.model, RoutedStudent) and gen.nfe() == 2
+    cond = gen.encode_prompts(ROUTED_PROMPTS)
+    route = gen.model.route(cond)
+    assert torch.equal(theirs["student"], route)  # (a) the card routes every prompt as diffdistill does
+    assert torch.equal(route, part.route(pooled_text_embedding(teacher.encode_prompts(ROUTED_PROMPTS))))
+    assert sorted(set(route.tolist())) == [0, 1, 2]  # every student serves some of these prompts
+    # (b) the same images from the same noise: the card draws the latents, then its students' fresh noise, from
+    # one generator, member after member, as RoutedStudent does
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn((len(ROUTED_PROMPTS), *gen.denoiser.sample_shape), generator=g)
+    assert torch.equal(z, theirs["latents"])
+    s0 = gen.model.levels[0]
+    with torch.no_grad():
+        ours = (gen.decode(gen.model(z * (1 + s0**2) ** 0.5 / s0, cond, generator=g)) + 1) / 2
+    assert theirs["images"].shape == ours.shape and theirs["pil"] == len(ROUTED_PROMPTS)
+    assert (theirs["images"] - ours).abs().max().item() < 1e-4
+    assert theirs["evaluated"] == [2 * int((route == k).sum()) for k in range(3)]  # each prompt, its own student
+    with torch.no_grad():  # the members differ, so a prompt sent to another student would show above
+        x0 = [m.net(z * (1 + s0**2) ** 0.5, s0, cond) for m in gen.model.members]
+    assert min((x0[a] - x0[b]).abs().max().item() for a, b in ((0, 1), (0, 2), (1, 2))) > 1e-3
+
+
+def test_prompt_routed_pixel_text_students_refuse_export_in_one_line(tmp_path):
+    teacher = load_teacher(DIGITS_TEXT)
+    levels = timestep_levels(teacher.denoiser.sigma_grid(), 1)
+    members = [Student(build_student_net(teacher.denoiser, "copy"), levels) for _ in range(2)]
+    prompts = ["a one", "the digit two", "a handwritten seven", "number nine"]
+    part = PCAPartition.fit(pooled_text_embedding(teacher.encode_prompts(prompts)), 2)
+    save_artefact(RoutedStudent(members, part), tmp_path / "art", {"method": "msd", "teacher": DIGITS_TEXT})
+    with pytest.raises(UserError, match="pixel-space text student .* no diffusers pipeline class") as e:
+        export_generator(str(tmp_path / "art"), str(tmp_path / "exp"))
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "exp").exists()
 
 
 # --------------------------------------------------------------------------------------------------

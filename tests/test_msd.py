@@ -314,9 +314,16 @@ def test_text_msd_trains_routes_prompts_by_their_group_and_reloads(tmp_path):
         model(z[:1], torch.tensor([0]))
     from diffdistill.export import export_generator
 
-    with pytest.raises(UserError, match="routed by prompt .* cannot be exported"):
-        export_generator(str(run), str(tmp_path / "exp"))
-    assert not (tmp_path / "exp").exists()
+    # export: a pipeline folder + student_k/ + router.json (plain-diffusers sampling: tests/test_export.py)
+    exp = export_generator(str(run), str(tmp_path / "exp"))
+    router = json.loads((exp / "router.json").read_text())
+    assert router["type"] == "text_pca" and router["members"] == ["student_0", "student_1"]
+    assert router["tree"] == art.spec["router"]["tree"] and router["embedding"] == "mean_of_prompt_embeds"
+    assert all((exp / f"student_{k}" / "unet" / "config.json").is_file() for k in range(2))
+    again = load_generator(exp, device="cpu")  # the export samples in diffdistill too (its artefact travels along)
+    assert torch.equal(again.model.route(again.encode_prompts(PROMPTS)), torch.tensor(route))
+    with torch.no_grad():
+        assert torch.equal(again.model(z, again.encode_prompts(PROMPTS)), mixed)
 
 
 def test_text_msd_config_errors_are_one_line(tmp_path):
