@@ -58,10 +58,10 @@ def test_stage_students_are_written_at_each_switch_and_reload_bit_exactly(run):
         assert folder == run / "stages" / f"steps-{k}"
         spec = read_spec(folder)
         assert (spec["step"], spec["segments"], spec["members"][0]["renoise"]) == (end, k, "ddim")
-        # written before the switch: the weights the stage ended with = the checkpoint at that step
-        # (ema_decay 0), not the next stage's
+        # written before the switch: the weights the stage ended with = the student artefact of the checkpoint
+        # at that step (the config's evaluation EMA), not the next stage's
         ck = run / "checkpoints" / f"step-{end:07d}"
-        assert _same(_state(folder), load_safetensors(ck / "student.safetensors"))
+        assert _same(_state(folder), load_safetensors(ck / "student" / "student.safetensors"))
         # reloads bit-exactly: the loaded network holds exactly the saved tensors
         net = load_artefact(folder).model.net
         assert _same({n: t.detach() for n, t in net.state_dict().items()}, _state(folder))
