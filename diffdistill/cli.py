@@ -88,10 +88,15 @@ def cmd_sample(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.glob("[0-9]" * 6 + ".png")):
         raise UserError(f"{out} already holds samples; choose an empty or new folder")
-    if args.num_samples < 1:
-        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     labels = _parse_labels(args.labels)
     prompts = _read_prompts(args.prompts)
+    if args.num_samples is None:  # one sample per prompt (or per listed label) unless asked for more
+        given = prompts if prompts is not None else labels
+        if not given:
+            raise UserError("--num-samples is required (without it, --prompts FILE or --labels give one sample each)")
+        args.num_samples = len(given)
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     gen = load_generator(args.checkpoint, sampler=args.sampler, steps=args.steps,  # a stage student for --steps K
                          guidance_scale=args.guidance_scale)
     check_guidance_scale(gen, args.guidance_scale, prompts is not None)
@@ -154,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample images from a teacher or a checkpoint")
     s.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or teacher folder")
-    s.add_argument("--num-samples", type=positive_int, required=True)
+    s.add_argument("--num-samples", type=positive_int, default=None,
+                   help="how many samples (default: one per --prompts line or --labels entry)")
     s.add_argument("--out", required=True, help="output folder for 000000.png ... and grid.png")
     s.add_argument("--steps", type=positive_int, default=None, help="student steps, or the teacher solver's steps")
     s.add_argument("--seed", type=int, default=0)

@@ -31,6 +31,16 @@ def test_sample_teacher_writes_pngs_and_grid(tmp_path, tiny_teacher_run):
     assert main(["sample", "--checkpoint", str(tiny_teacher_run), "--num-samples", "2", "--out", str(out)]) == 2
 
 
+def test_sample_without_num_samples_draws_one_per_listed_label(tmp_path, tiny_teacher_run, capsys):
+    out = tmp_path / "s"
+    assert main(["sample", "--checkpoint", str(tiny_teacher_run / "teacher"), "--steps", "2", "--out", str(out),
+                 "--labels", "3,7,1"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:06d}.png" for i in range(3)] + ["grid.png"]
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(tiny_teacher_run / "teacher"), "--out", str(tmp_path / "o")]) == 2
+    assert "--num-samples is required" in _one_line_error(capsys)
+
+
 @pytest.mark.parametrize("override, match", [
     ("train.stepz=3", "unknown config key 'train.stepz'; did you mean 'train.steps'?"),
     ("train.steps=lots", "config key 'train.steps' expects int"),
