@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import UserError
-from .export import CARD, _card, _check_text_components, _known_fid, _write_text_pipeline, student_scheduler
+from .export_parts import CARD, _card, _check_text_components, _known_fid, _write_text_pipeline, student_scheduler
 from .paths import atomic_folder
 
 
@@ -55,29 +55,26 @@ with torch.no_grad():
 """
 
 
-def export_routed(art: Any, folder: Path, dest: Path, checkpoint: str, source: Path, merge: bool,
-                   steps: Optional[int]) -> Path:
-    """A multi-student (MSD) artefact: one sub-folder per member (``student_k/unet``, ``student_k/scheduler``),
-    ``router.json`` (label -> member), the artefact itself (``student/``, so ``diffdistill sample`` and
-    ``load_generator`` take the folder) and a card whose code routes each label to its member.
+def _member_parts(art: Any, steps: Optional[int], merge: bool, text: bool) -> tuple[list, list[float], str]:
+    """``[(name, unet, scheduler)]`` per member (LoRA merged), the members' levels and scheduler class name.
 
-    Students routed by prompt (a text teacher, ``msd.partition: pca``) go to :func:`_export_text_routed`."""
+    Every member must be a plain-x0 diffusers UNet of the expected kind (class-conditional pixel/latent
+    ``UNet2DModel`` or, with ``text``, a text UNet); LoRA members need ``merge``."""
     from .artefact import _wrapper_of
     from .teachers.vp import VPUNetDenoiser
 
-    spec, model = art.spec, art.model
-    if getattr(model, "text_partition", None) is not None:
-        return _export_text_routed(art, folder, dest, checkpoint, source, merge, steps)
-    names = [m["name"] for m in spec["members"]]
-    latent = art.components is not None and art.components.vae is not None
-    parts, levels, sched_name = [], None, None
-    for name, entry, member in zip(names, spec["members"], model.members):
+    kind = "diffusers text UNets" if text else "class-conditional diffusers UNets"
+    parts, levels, sched_name = [], [], ""
+    for entry, member in zip(art.spec["members"], art.model.members):
+        name = entry["name"]
         wrapper, bare = _wrapper_of(member)
-        if wrapper["type"] != "plain" or not isinstance(bare, VPUNetDenoiser) or getattr(bare, "is_text", False):
-            raise UserError(f"routed students export as class-conditional diffusers UNets with plain x0 outputs; "
-                            f"member {name} is a {type(bare).__name__} with a {wrapper['type']} wrapper")
+        is_text = bool(getattr(bare, "is_text", False))
+        if wrapper["type"] != "plain" or not isinstance(bare, VPUNetDenoiser) or is_text != text:
+            raise UserError(f"routed students export as {kind} with plain x0 outputs; member {name} is a "
+                            f"{type(bare).__name__} with a {wrapper['type']} wrapper")
         if entry.get("lora") and not merge:
-            raise UserError("diffusers has no LoRA loader for a pixel UNet2DModel: export these LoRA students with "
+            raise UserError("routed LoRA students export as one full UNet per student: add --merge" if text else
+                            "diffusers has no LoRA loader for a pixel UNet2DModel: export these LoRA students with "
                             "--merge (full weights)")
         levels = member.levels_for(steps) if steps is not None else list(member.levels)
         sched = student_scheduler(bare.scheduler_config, levels, member.renoise)
@@ -88,6 +85,24 @@ def export_routed(art: Any, folder: Path, dest: Path, checkpoint: str, source: P
 
             unet = merge_lora(bare).unet
         parts.append((name, unet, sched))
+    return parts, levels, sched_name
+
+
+def export_routed(art: Any, folder: Path, dest: Path, checkpoint: str, source: Path, merge: bool,
+                   steps: Optional[int]) -> Path:
+    """A multi-student (MSD) artefact: one sub-folder per member (``student_k/unet``, ``student_k/scheduler``),
+    ``router.json`` (label -> member), the artefact itself (``student/``, so ``diffdistill sample`` and
+    ``load_generator`` take the folder) and a card whose code routes each label to its member.
+
+    Students routed by prompt (a text teacher, ``msd.partition: pca``) go to :func:`_export_text_routed`."""
+    from .artefact import _wrapper_of
+
+    spec, model = art.spec, art.model
+    if getattr(model, "text_partition", None) is not None:
+        return _export_text_routed(art, folder, dest, checkpoint, source, merge, steps)
+    names = [m["name"] for m in spec["members"]]
+    latent = art.components is not None and art.components.vae is not None
+    parts, levels, sched_name = _member_parts(art, steps, merge, text=False)
     bare = _wrapper_of(model.members[0])[1]
     n = bare.num_classes
     groups = [list(g) for g in model.groups]
@@ -200,28 +215,11 @@ def _export_text_routed(art: Any, folder: Path, dest: Path, checkpoint: str, sou
     which pooled prompt vector it cuts, ``POOLED_DOCS``), the artefact (``student/``) and a card whose code
     encodes the prompts with the pipeline, routes each one and samples it with its own student."""
     from .artefact import _wrapper_of
-    from .teachers.vp import VPUNetDenoiser
 
     _check_text_components(art)  # a pixel text teacher (no VAE): one line
     spec, model = art.spec, art.model
     names = [m["name"] for m in spec["members"]]
-    parts, levels, sched_name = [], None, None
-    for name, entry, member in zip(names, spec["members"], model.members):
-        wrapper, bare = _wrapper_of(member)
-        if wrapper["type"] != "plain" or not isinstance(bare, VPUNetDenoiser) or not getattr(bare, "is_text", False):
-            raise UserError(f"prompt-routed students export as diffusers text UNets with plain x0 outputs; member "
-                            f"{name} is a {type(bare).__name__} with a {wrapper['type']} wrapper")
-        if entry.get("lora") and not merge:
-            raise UserError("prompt-routed LoRA students export as one full UNet per student: add --merge")
-        levels = member.levels_for(steps) if steps is not None else list(member.levels)
-        sched = student_scheduler(bare.scheduler_config, levels, member.renoise)
-        sched_name = type(sched).__name__
-        unet = bare.unet
-        if entry.get("lora"):
-            from .students import merge_lora
-
-            unet = merge_lora(bare).unet
-        parts.append((name, unet, sched))
+    parts, levels, sched_name = _member_parts(art, steps, merge, text=True)
     bare = _wrapper_of(model.members[0])[1]
     sdxl = len(art.components.text_encoders) == 2
     pooled = "pooled_prompt_embeds" if sdxl else "mean_of_prompt_embeds"
@@ -238,7 +236,8 @@ def _export_text_routed(art: Any, folder: Path, dest: Path, checkpoint: str, sou
              "conditioning": f"text prompts, routed to {n_students} students by their pooled text embedding "
                              "(router.json)",
              "notes": [("router.json: a balanced tree of cuts along the top principal components of the training "
-                        f"prompts' pooled vectors, walked by route() above; the pooled vector is {POOLED_DOCS[pooled]}"),
+                        "prompts' pooled vectors, walked by route() above; the pooled vector is "
+                        f"{POOLED_DOCS[pooled]}"),
                        ("the top-level unet/ and scheduler/ are student_0's: DiffusionPipeline.from_pretrained "
                         "alone samples every prompt with student 0, so route prompts as above"),
                        "one network evaluation per sample and step: each prompt runs only its own student",

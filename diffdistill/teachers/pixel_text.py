@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -172,15 +171,11 @@ def save_pixel_text_teacher(unet: nn.Module, text_encoder: nn.Module, tokenizer:
     """Write the pipeline folder of the module docstring atomically (temporary folder renamed into place)."""
     import diffusers
 
+    from ..paths import atomic_folder
     from .loader import META_FILE
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    try:
+    with atomic_folder(folder) as tmp:
         unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
         text_encoder.save_pretrained(str(tmp / "text_encoder"), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -194,11 +189,4 @@ def save_pixel_text_teacher(unet: nn.Module, text_encoder: nn.Module, tokenizer:
                  "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", type(scheduler).__name__]}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
     return folder
