@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import UserError
+from .errors import UserError, positive_int
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,17 +22,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"error: {self.prog}: {message}", file=sys.stderr)
         raise SystemExit(2)
-
-
-def positive_int(text: str) -> int:
-    """argparse ``type`` for counts (``--steps``, ``--batch-size``, ``--num-samples``): an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:

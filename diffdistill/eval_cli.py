@@ -21,7 +21,7 @@ from .errors import UserError
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``eval`` with its ``fid`` and ``clip`` sub-commands on an argparse ``subparsers`` object."""
-    from .cli import positive_int  # --num-samples, --steps, --batch-size: whole numbers >= 1, one line otherwise
+    from .errors import positive_int  # --num-samples, --steps, --batch-size: whole numbers >= 1, one line otherwise
 
     parser = subparsers.add_parser("eval", help="measure FID or CLIP score of a teacher or student")
     parser.set_defaults(func=run_eval)  # diffdistill.cli calls args.func(args)
