@@ -10,7 +10,7 @@ import importlib
 from .base import Batch, Method, OptimConfig, StepOutput
 
 METHOD_MODULES: dict[str, str] = {
-    "dsm": "diffdistill.methods.dsm",  # denoising score matching: trains a teacher from data
+    "dsm": "diffdistill.methods.dsm_text",  # denoising score matching (pixel or text): trains a teacher
     "dmd2": "diffdistill.methods.dmd2",
     "ict": "diffdistill.methods.ict",
     "cd": "diffdistill.methods.consistency_distillation",

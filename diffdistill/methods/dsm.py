@@ -93,10 +93,6 @@ class DSM(Method):
         from ..teachers import VPUNetDenoiser
 
         c: DSMConfig = cfg.method_config
-        if c.text_encoder and cls is DSM:
-            from .dsm_text import TextDSM
-
-            return TextDSM.from_config(cfg, optim, device)
         if c.prediction_type not in ("v_prediction", "epsilon", "sample"):
             raise UserError(f"dsm.prediction_type must be v_prediction, epsilon or sample, got {c.prediction_type!r}")
         data = build_dataset(cfg.data)

@@ -166,3 +166,18 @@ class TextDSM(DSM):
         scheduler = DDPMScheduler.from_config(net.den.scheduler_config)
         save_pixel_text_teacher(net.den.unet, net.text_encoder, self.tokenizer, scheduler, Path(run_dir) / "teacher",
                                 self.meta)
+
+
+class DSMEntry(DSM):
+    """The registry's ``dsm``: a :class:`TextDSM` when ``dsm.text_encoder`` is set, a plain :class:`DSM` otherwise.
+
+    The choice lives here, not in ``DSM.from_config``, so that ``dsm`` never imports ``dsm_text``.
+    """
+
+    @classmethod
+    def from_config(cls, cfg, optim, device):
+        chosen = TextDSM if cfg.method_config.text_encoder else DSM
+        return chosen.from_config(cfg, optim, device)
+
+
+METHOD = DSMEntry
