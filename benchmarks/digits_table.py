@@ -10,7 +10,8 @@ whose latest checkpoint is short of the config's ``train.steps`` is resumed, a m
 ``--no-train``: then it is left out). Training everything (9 configs x 3 seeds) takes hours on 2 CPU cores.
 ``--run NAME=PATH`` adds any other run folder as its own row (one seed).
 
-Per row, at each of ``--steps`` the student supports (a step count it cannot do is "-"): digits FID on
+Per row, at each of ``--steps`` the student supports (a step count it cannot do is "-"; a run that kept one
+student per stage, TSCD, is scored at K with its K-segment stage student, as ``--steps K`` picks): digits FID on
 ``--num-samples`` class-balanced samples (the digits classifier's 64-d features against all 1,797 digits,
 the quickstart's metric), class accuracy of the same samples (the classifier's argmax equals the requested
 label), mean +- std over seeds; seconds per image (generation only, 1 thread) at the student's own steps; and
@@ -198,8 +199,9 @@ def main() -> None:
         gen = load_generator(run, device="cpu")
         scores = {}
         for k in args.steps:
-            try:
-                scores[k] = score(gen, ext, ref, args.num_samples, k, args.eval_seed)
+            try:  # a run that kept one student per stage (TSCD) is scored at K with its K-segment student
+                scores[k] = score(load_generator(run, device="cpu", steps=k), ext, ref, args.num_samples, k,
+                                  args.eval_seed)
             except UserError as e:
                 print(f"  {name} seed {seed}: no {k}-step sampling ({e})", flush=True)
         own = gen.default_steps
