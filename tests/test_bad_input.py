@@ -190,7 +190,7 @@ def test_resume_of_a_folder_without_a_run(tmp_path, capsys):
     (str(REPO / "configs/digits/cd.yaml"), [], "differs from the one"),
     (DMD2, ["--set", "student.kind=small", "--set", "student.small={block_out_channels: [16, 32]}"],
      "in student.kind ('copy' -> 'small'), student.small"),
-    (DMD2, ["--set", "train.lr=1e-3"], "in train.lr (5e-05 -> 0.001)"),
+    (DMD2, ["--set", "train.lr=1e-3"], "in train.lr (0.0001 -> 0.001)"),
 ], ids=["other-method", "other-architecture", "other-lr"])
 def test_resume_with_another_config_is_refused(dmd2_run, capsys, config, overrides, match):
     before = _snapshot(dmd2_run)
