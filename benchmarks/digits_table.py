@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 
 from diffdistill.errors import UserError
+from diffdistill.artefact import stage_artefacts
 from diffdistill.generator import load_generator
 from diffdistill.metrics import DigitsFeatures, digits_ref_stats, evaluate_fid
 from diffdistill.paths import REPO_ROOT
@@ -200,8 +201,9 @@ def main() -> None:
         scores = {}
         for k in args.steps:
             try:  # a run that kept one student per stage (TSCD) is scored at K with its K-segment student
-                scores[k] = score(load_generator(run, device="cpu", steps=k), ext, ref, args.num_samples, k,
-                                  args.eval_seed)
+                stage = stage_artefacts(run).get(k)
+                scores[k] = score(load_generator(stage, device="cpu") if stage else gen, ext, ref,
+                                  args.num_samples, k, args.eval_seed)
             except UserError as e:
                 print(f"  {name} seed {seed}: no {k}-step sampling ({e})", flush=True)
         own = gen.default_steps
