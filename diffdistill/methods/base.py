@@ -152,6 +152,9 @@ class Method:
     needs_data: ClassVar[bool] = True  # data-free methods (BOOT) set False: the loop opens no dataset
     supports_fp16: ClassVar[bool] = True  # False: the Stepper refuses train.mixed_precision=fp16
     fp16_reason: ClassVar[str] = ""  # why not, shown in that error
+    # the networks ``train.ema_decay`` averages (their trainable parameters, one EMA); sampling and the saved
+    # artefact use the averages. MSD lists its K members (student_0 ... student_{K-1}).
+    ema_networks: tuple[str, ...] = ("student",)
 
     def __init__(self, teacher: Optional[Denoiser], student: Student, config: Any,
                  optim: Optional[OptimConfig] = None, total_steps: int = 1000) -> None:

@@ -48,8 +48,10 @@ student, i.e. a change to the loop. Memory grows by K (students, fake scores, GA
 reproduce one (1e-6, tested with the GAN off); the GAN's real term is a mean over each process's own real
 images of the group, whose number varies, so with the GAN on they weight real images slightly differently.
 
-EMA: none, as DMD2's official code. The Stepper's EMA covers one network (``student``), so
-``train.ema_decay > 0`` is refused rather than silently averaging member 0 alone (or nothing).
+EMA (``train.ema_decay``): one EMA over every member's weights (``ema_networks`` = ``student_0 ...``), as the
+digits DMD2 recipe uses for sampling; DMD2's official code keeps none. With TSM the members do not step
+until DM starts, so the EMA's first update (diffusers caps the decay at ``(1 + n) / (10 + n)``) all but
+replaces the pre-TSM shadow: its weight is 0.1 after one update and below 1e-5 after ten.
 Text prompts (``msd.partition: pca``, a text teacher and ``data.name: prompts``): the training prompts are
 encoded once, their pooled embeddings split by :class:`~diffdistill.partitions.PCAPartition` into K balanced
 groups, and student ``k`` draws its generator prompts uniformly from group ``k`` (its share ``B/K`` of the
@@ -140,6 +142,7 @@ class MSD(Method):
             optim = dataclasses.replace(optim, lr=config.lr)
         super().__init__(teacher, RoutedStudent(list(students), groups), config, optim, total_steps)
         self._unregister("student")  # Method registers student.net (member 0); MSD names members student_k
+        self.ema_networks = tuple(f"student_{k}" for k in range(len(students)))  # one EMA over every member
         self.partition = [list(g) for g in self.student.groups]  # label groups ([] for text)
         self.text_partition: Optional[PCAPartition] = self.student.text_partition
         self.prompt_groups = [list(g) for g in prompt_groups] if prompt_groups is not None else None
@@ -460,9 +463,6 @@ def _validate(cfg: MSDConfig, teacher: Denoiser, students: Sequence[Student],
         raise UserError(f"msd.tsm_steps must be >= 0, got {cfg.tsm_steps}")
     if cfg.generator_labels != "random":
         raise UserError("msd.generator_labels must be 'random': each student draws its generator labels from its group")
-    if optim.ema_decay > 0:
-        raise UserError("msd keeps no EMA (train.ema_decay must be 0): the Stepper's EMA covers one network and "
-                        "DMD2's official training uses none")
 
 
 METHOD = MSD

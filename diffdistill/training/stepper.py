@@ -24,7 +24,7 @@ One iteration (:meth:`Stepper.step`):
 3. step EVERY LR scheduler once, whether its group stepped or not: schedules count iterations, not
    updates, as DMD2's official trainer does (its generator steps every 5th iteration yet its warm-up and
    decay follow the iteration count).
-4. if the student stepped and EMA is on, update the EMA of its trainable parameters.
+4. if a network of ``method.ema_networks`` stepped and EMA is on, update the EMA of their trainable parameters.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class Stepper:
         if o.ema_decay > 0:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(trainable_parameters(method.student.net), decay=o.ema_decay)
+            self.ema = EMAModel(self._ema_params(), decay=o.ema_decay)
         # fp16: the scaler of accelerate, driven here (see _update) so several optimizers share one scale
         self.scaler = getattr(accelerator, "scaler", None)
         if accelerator is not None:
@@ -158,8 +158,8 @@ class Stepper:
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
             for sched in self.schedulers.values():
                 sched.step()
-        if self.ema is not None and "student" in stepped:
-            self.ema.step(trainable_parameters(self.method.student.net))
+        if self.ema is not None and any(name in stepped for name in self.method.ema_networks):
+            self.ema.step(self._ema_params())
         return logs
 
     def _autocast(self):
@@ -216,7 +216,7 @@ class Stepper:
         if self.ema is None:
             yield
             return
-        params = trainable_parameters(self.method.student.net)
+        params = self._ema_params()
         live = [p.detach().cpu().clone() for p in params]  # on the CPU, as diffusers' EMAModel.store
         self.ema.copy_to(params)
         try:
@@ -226,8 +226,16 @@ class Stepper:
                 for p, saved in zip(params, live):
                     p.copy_(saved)
 
+    def _ema_params(self) -> list[torch.nn.Parameter]:
+        """The trainable parameters of ``method.ema_networks``, in order (one EMA over all of them)."""
+        return [p for name in self.method.ema_networks for p in trainable_parameters(self.method.nets[name])]
+
     def _ema_names(self) -> list[str]:
-        return [n for n, p in self.method.student.net.named_parameters() if p.requires_grad]
+        """Checkpoint keys of the EMA shadows: the parameter names for one network (the student, as every
+        run so far saved them), ``<network>.<parameter>`` for several (MSD's members)."""
+        nets = self.method.ema_networks
+        return [n if len(nets) == 1 else f"{name}.{n}" for name in nets
+                for n, p in self.method.nets[name].named_parameters() if p.requires_grad]
 
     def ema_state(self) -> dict[str, torch.Tensor] | None:
         """EMA shadow weights keyed by parameter name (``None`` without EMA), for checkpoints."""
@@ -242,7 +250,7 @@ class Stepper:
         return {"optimization_step": self.ema.optimization_step, "decay": self.ema.decay}
 
     def load_ema_state(self, state: dict[str, torch.Tensor], optimization_step: int) -> None:
-        device = next(self.method.student.net.parameters()).device
+        device = self._ema_params()[0].device
         self.ema.shadow_params = [state[n].to(device) for n in self._ema_names()]
         self.ema.optimization_step = int(optimization_step)
 
