@@ -51,7 +51,7 @@ images of the group, whose number varies, so with the GAN on they weight real im
 EMA (``train.ema_decay``): one EMA over every member's weights (``ema_networks`` = ``student_0 ...``), as the
 digits DMD2 recipe uses for sampling; DMD2's official code keeps none. With TSM the members do not step
 until DM starts, so the EMA's first update (diffusers caps the decay at ``(1 + n) / (10 + n)``) all but
-replaces the pre-TSM shadow: its weight is 0.1 after one update and below 1e-5 after ten.
+replaces the pre-TSM shadow: its weight is 0.1 after one update, 1e-5 after ten and 1e-7 after twenty.
 Text prompts (``msd.partition: pca``, a text teacher and ``data.name: prompts``): the training prompts are
 encoded once, their pooled embeddings split by :class:`~diffdistill.partitions.PCAPartition` into K balanced
 groups, and student ``k`` draws its generator prompts uniformly from group ``k`` (its share ``B/K`` of the
