@@ -31,8 +31,8 @@ from typing import Any, Optional
 
 import torch
 
-from diffdistill.errors import UserError
 from diffdistill.artefact import stage_artefacts
+from diffdistill.errors import UserError
 from diffdistill.generator import load_generator
 from diffdistill.metrics import DigitsFeatures, digits_ref_stats, evaluate_fid
 from diffdistill.paths import REPO_ROOT
