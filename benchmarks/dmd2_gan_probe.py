@@ -20,6 +20,7 @@ and unconditional runs only (a text-conditioned run's captions are not handled h
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from diffdistill.config import load_config
 from diffdistill.data import build_dataset
+from diffdistill.errors import UserError
 from diffdistill.generator import load_generator
 from diffdistill.methods.gan_head import GANHead, bottleneck_features
 from diffdistill.training.build import build_method
@@ -67,9 +69,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     ck = Path(args.checkpoint)
+    if not (ck / "config.yaml").is_file():
+        raise UserError(f"{ck} is not a checkpoint folder: it has no config.yaml (give RUN/checkpoints/step-NNNNNNN)")
     cfg = load_config(ck / "config.yaml")
     if cfg.method != "dmd2" or not cfg.method_config.gan:
-        raise SystemExit(f"error: {ck} is not a DMD2 run with a GAN head (method {cfg.method})")
+        raise UserError(f"{ck} is not a DMD2 run with a GAN head (method {cfg.method})")
     method, _ = build_method(cfg, "cpu")
     restore(ck, method)
     fake_score, head = method.nets["fake_score"].eval(), method.nets["gan_head"].eval()
@@ -109,4 +113,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # one line and exit status 2, as the command line does
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
