@@ -231,6 +231,12 @@ def _rows(run: Path) -> dict[int, float]:
     return {r["step"]: r["disback_node"] for r in rows}
 
 
+def _losses(run: Path) -> dict[int, dict[str, float]]:
+    """``step -> {loss name: value}`` from metrics.jsonl."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("loss")} for r in rows}
+
+
 @pytest.fixture(scope="module")
 def full_run(tiny_teacher_run, tmp_path_factory):
     from diffdistill.training.loop import train
@@ -423,10 +429,15 @@ def test_torchrun_two_processes_match_one(tiny_teacher_run, tmp_path):
         subprocess.run([*launch, "train", "--config", str(path)], check=True, env=env, capture_output=True)
         runs[name] = tmp_path / name
     assert _rows(runs["one"]) == _rows(runs["two"])
+    one, two = _losses(runs["one"]), _losses(runs["two"])  # a wrong shard or noise draw moves these by far more
+    assert one.keys() == two.keys() and all(one[s] == pytest.approx(two[s], rel=1e-4, abs=1e-7) for s in one)
     for net in ("student", "fake_score", "gan_head"):
         a = load_file(str(runs["one"] / "checkpoints/step-0000012" / f"{net}.safetensors"))
         b = load_file(str(runs["two"] / "checkpoints/step-0000012" / f"{net}.safetensors"))
-        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, net
+        # Adam turns rounding-level gradient differences (DDP sums in another order) into updates up to ~lr
+        # (1e-4) for parameters whose gradient is near zero; with the GAN on its low-noise band (the config's
+        # gan_max_quantile 0.1) the student measured 2.8e-5 after 12 steps (below 1e-5 with noise over the whole grid)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4, net
     for k in range(4):  # nodes within float tolerance (DDP sums gradients in another order)
         a = load_file(str(runs["one"] / f"disback_path/node-{k:02d}.safetensors"))
         b = load_file(str(runs["two"] / f"disback_path/node-{k:02d}.safetensors"))
