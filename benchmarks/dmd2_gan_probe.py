@@ -24,13 +24,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from diffdistill.config import load_config
 from diffdistill.data import build_dataset
 from diffdistill.errors import UserError
 from diffdistill.generator import load_generator
+from diffdistill.methods.dmd2 import gan_critic_loss
 from diffdistill.methods.gan_head import GANHead, bottleneck_features
 from diffdistill.training.build import build_method
 from diffdistill.training.loop import restore
@@ -52,8 +52,7 @@ def fit_fresh_head(fake: Tensor, real: Tensor, steps: int, seed: int) -> tuple[f
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     for _ in range(steps):
         j = torch.randint(0, half, (64,))
-        # the critic's softplus loss: fake -> negative logits, real -> positive
-        loss = F.softplus(head(fake[j])).mean() + F.softplus(-head(real[j])).mean()
+        loss = gan_critic_loss(head(fake[j]), head(real[j]))  # DMD2's own critic loss
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -225,16 +225,19 @@ def _digits_cfg(teacher, out, steps=12, *more):
         "disback.degradation_steps=6", "disback.interval=2", *more])
 
 
+def _metrics(run: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def _rows(run: Path) -> dict[int, float]:
     """``step -> disback_node`` from metrics.jsonl (a resumed run's later row for a step wins)."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["disback_node"] for r in rows}
+    return {r["step"]: r["disback_node"] for r in _metrics(run)}
 
 
 def _losses(run: Path) -> dict[int, dict[str, float]]:
     """``step -> {loss name: value}`` from metrics.jsonl."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: {k: v for k, v in r.items() if k.startswith("loss")} for r in rows}
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("loss")} for r in _metrics(run)}
 
 
 @pytest.fixture(scope="module")
