@@ -102,6 +102,11 @@ class TrainConfig:
         "constant_with_warmup"  # a diffusers.optimization schedule name
     warmup_steps: Count = 0  # LR warm-up steps
     ema_decay: Annotated[float, Interval(ge=0, lt=1)] = 0.0  # EMA of the student for evaluation (0 disables)
+    # power-function EMA warm-up (diffusers EMAModel use_ema_warmup): after n updates the decay is
+    # min(ema_decay, 1 - n^-ema_power): an averaging window of ~n^p updates, growing with training (p = 1: the
+    # uniform average of every iterate);
+    # 0 keeps diffusers' default warm-up min(ema_decay, (1 + n) / (10 + n))
+    ema_power: Annotated[float, Interval(ge=0, le=1)] = 0.0
     checkpoint_every: PositiveInt = 500  # save a checkpoint every N steps (and at the end)
     keep_checkpoints: Count = 3  # keep the newest N checkpoints (0 keeps all)
     sample_every: Count = 500  # write a sample grid every N steps (0 disables)

@@ -136,6 +136,31 @@ def test_dmd2_generator_steps_on_generator_iterations_critic_every_iteration():
     assert all(s.get_last_lr()[0] == pytest.approx(0.9e-3) for s in stepper.schedulers.values())
 
 
+@pytest.mark.parametrize("power", [1.0, 0.75])
+def test_power_ema_follows_its_decay_law(power):
+    """train.ema_power: after n EMA updates the decay is min(ema_decay, 1 - n^-p) (diffusers' warm-up, the
+    first update copying the weights); p = 1 is then the uniform average of every iterate the EMA has seen."""
+    m = _toy_dmd2(dfake_gen_update_ratio=1)
+    m.optim.ema_power, m.optim.ema_decay = power, 0.9999
+    stepper = Stepper(m)
+    iterates, expect = [], None
+    for step in range(6):
+        g = torch.Generator().manual_seed(step)
+        stepper.step(Batch(default_mixture().sample(32, g), None, g, 32), step)
+        live = [p.detach().clone() for p in m.student.net.parameters()]
+        iterates.append(live)
+        n = len(iterates)
+        d = 0.0 if n == 1 else min(0.9999, 1 - n ** -power)
+        expect = live if expect is None else [d * e + (1 - d) * x for e, x in zip(expect, live)]
+    assert _max_diff(dict(enumerate(stepper.ema.shadow_params)), dict(enumerate(expect))) < 1e-6
+    if power == 1.0:
+        mean = [torch.stack(ps).mean(0) for ps in zip(*iterates)]
+        assert _max_diff(dict(enumerate(stepper.ema.shadow_params)), dict(enumerate(mean))) < 1e-6
+    # the default warm-up, (1 + n) / (10 + n), gives another average: the key changes what is sampled
+    m.optim.ema_power = 0.0
+    assert Stepper(m).ema.get_decay(3) != stepper.ema.get_decay(3)
+
+
 def test_shipped_dmd2_config_logs_generator_losses_in_every_row(tmp_path):
     """log_every (10) is a multiple of dfake_gen_update_ratio (5): the last iteration of every window is
     critic-only, yet each row holds the window's mean of the generator losses too."""

@@ -125,6 +125,7 @@ class OptimConfig:
     lr_schedule: str = "constant_with_warmup"
     warmup_steps: int = 0
     ema_decay: float = 0.0  # EMA of the student's trainable weights (diffusers EMAModel); 0 disables
+    ema_power: float = 0.0  # > 0: power-function warm-up, decay after n updates = min(ema_decay, 1 - n^-ema_power)
 
 
 class Method:

@@ -21,7 +21,7 @@ def optim_config(cfg: Config) -> OptimConfig:
     t = cfg.train
     return OptimConfig(lr=t.lr, betas=(float(t.betas[0]), float(t.betas[1])), weight_decay=t.weight_decay,
                        grad_clip=t.grad_clip, lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
-                       ema_decay=t.ema_decay)
+                       ema_decay=t.ema_decay, ema_power=t.ema_power)
 
 
 def load_teacher_for(cfg: Config, device: torch.device | str = "cpu"):

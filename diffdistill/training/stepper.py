@@ -84,7 +84,9 @@ class Stepper:
         if o.ema_decay > 0:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(self._ema_params(), decay=o.ema_decay)
+            # ema_power > 0: diffusers' power-function warm-up, 1 - (1 + n / inv_gamma)^-power with inv_gamma 1
+            warm = {"use_ema_warmup": True, "power": o.ema_power, "inv_gamma": 1.0} if o.ema_power > 0 else {}
+            self.ema = EMAModel(self._ema_params(), decay=o.ema_decay, **warm)
         # fp16: the scaler of accelerate, driven here (see _update) so several optimizers share one scale
         self.scaler = getattr(accelerator, "scaler", None)
         if accelerator is not None:
