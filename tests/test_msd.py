@@ -455,4 +455,9 @@ def test_torchrun_two_processes_match_one(tiny_teacher_run, tmp_path):
             a, b = (load_file(str(runs[r] / f"{net}.safetensors")) for r in ("one", "two"))
             diffs[net] = max((a[t] - b[t]).abs().max().item() for t in a)
     print(diffs)
-    assert max(diffs.values()) < 1e-5, diffs
+    # Students to 1e-5. The fake scores to Adam's lr (1e-4): Adam divides by sqrt(v) + 1e-8, so a parameter whose
+    # gradient is near zero turns rounding-level differences between the batch splits into steps of up to ~lr
+    # (measured on one machine: 1.7e-5 on fake_score_0, 8e-6 on the others, 2.7e-7 on student_0; on another all
+    # under 1e-5). tests/test_disback.py's two-process test bounds the same way.
+    assert max(v for k, v in diffs.items() if k.startswith("student")) < 1e-5, diffs
+    assert max(diffs.values()) < 1e-4, diffs
