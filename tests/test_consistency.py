@@ -226,6 +226,33 @@ def test_tscd_stages_switch_on_schedule_and_the_final_one_step_student_matches_t
     assert sw < 2 * sw_teacher, (sw, sw_teacher)
 
 
+def test_segment_balance_evens_out_the_segments_ict_weights(monkeypatch):
+    teacher = MixtureDenoiser(default_mixture())
+    cfg = TSCDConfig(segments=[4, 1], solver_steps=16, weighting="ict", segment_balance=1.0)
+    method = TSCD(teacher, _toy_student(teacher.sigma_data, 4, [80.0] * 4), cfg, OptimConfig(lr=1e-3), total_steps=4)
+    g = method.grid
+    ict = 1.0 / (g[1:] - g[:-1])
+    # plain ict starves the top segment (long steps): its mean weight is a small fraction of the lowest one's
+    assert ict[12:].mean() < 0.05 * ict[:4].mean()
+    w = ict * TSCD._balance(4, g, 1.0)
+    assert torch.allclose(w.view(4, 4).mean(dim=1), ict.mean().expand(4), rtol=1e-5)  # b = 1: equal means
+    half = ict * TSCD._balance(4, g, 0.5)  # b = 1/2: each segment's mean halfway (geometrically) to the grid's
+    assert torch.allclose(half.view(4, 4).mean(dim=1), (ict.view(4, 4).mean(dim=1) * ict.mean()).sqrt(), rtol=1e-5)
+    # inside a segment the weights keep ict's ratios; with one segment nothing changes
+    assert torch.allclose(w.view(4, 4) / w.view(4, 4)[:, :1], ict.view(4, 4) / ict.view(4, 4)[:, :1], rtol=1e-5)
+    assert torch.allclose(TSCD._balance(16, g, 1.0), torch.ones(16), rtol=1e-6)
+    # the step weighs each sample by its level's weight: with a unit distance the loss is their batch mean
+    import diffdistill.methods.consistency_distillation as cdmod
+
+    monkeypatch.setattr(cdmod, "consistency_distance", lambda pred, target, kind, c: torch.ones(pred.shape[0]))
+    x = default_mixture().sample(64, torch.Generator().manual_seed(0))
+    out = method.train_step(Batch(x, None, torch.Generator().manual_seed(5), 64), 0)
+    n = torch.randint(16, (64,), generator=torch.Generator().manual_seed(5))  # the step's first draw
+    assert out.logs["consistency"] == pytest.approx(float(w[n].mean()), rel=1e-5)
+    with pytest.raises(UserError, match="segment_balance"):
+        load_config(base={"method": "tscd", "tscd": {"segment_balance": 1.5}})
+
+
 class _Counting(MixtureDenoiser):
     calls = 0
 

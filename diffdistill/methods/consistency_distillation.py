@@ -10,6 +10,10 @@ Karras grid), cut into ``k`` equal segments with edges ``t_{jN/k}``. For ``n ~ U
     target  = x_hat_n if t_n == e else sg jump(x_hat_n, f(x_hat_n, t_n), t_n -> e)
     L = lambda_n d(pred, target)      # PCM: elementwise pseudo-Huber c = 1e-3, lambda = 1, online target
 
+``lambda_n`` is 1 (PCM) or iCT's ``1 / (t_{n+1} - t_n)``; ``segment_balance`` b rescales each segment's iCT
+weights by ``(grid mean / segment mean)^b`` so that the top segments, whose long steps make their iCT weights
+small, are not starved (b = 1: every segment the same mean weight).
+
 CD is the one-segment case: the only edge is ``t_0``, the consistency function's boundary.
 Progressive stages (Hyper-SD: 8 -> 4 -> 2 -> 1 segments) switch at configured steps. The trajectory of a
 later stage comes from the original teacher or from a frozen copy of the student at the end of the stage
@@ -46,7 +50,7 @@ from torch import Tensor
 
 from ..denoiser import Cond, Denoiser, append_dims
 from ..errors import UserError
-from ..schema import Count, Len, MinLen, NonNegFloat, PositiveFloat, PositiveInt
+from ..schema import Count, Len, MinLen, NonNegFloat, PositiveFloat, PositiveInt, Probability
 from ..students import Student, freeze
 from .base import Batch, Method, OptimConfig, StepOutput
 from .consistency import (LOSSES, ConsistencyDenoiser, consistency_distance, ddim_jump, draw_seed, fixed_rng,
@@ -75,6 +79,8 @@ class TSCDConfig:
     huber_c: Optional[PositiveFloat] = None  # pseudo-Huber c; None: 1e-3 (elementwise) or 0.00054 sqrt(dim)
     # per-level weight: uniform (CM, PCM) | ict (1 / (t_{n+1} - t_n), iCT's lambda)
     weighting: Literal["uniform", "ict"] = "uniform"
+    # b in [0, 1]: each segment's weights times (grid mean / segment mean)^b; 0: as weighted, 1: equal segment means
+    segment_balance: Probability = 0.0
     consistency_param: bool = True  # f = iCT's c_skip/c_out on the x0 prediction; false: plain x0 (PCM)
     adv_weight: NonNegFloat = 0.0  # hinge adversarial term weight (PCM: 0.1); 0 disables it
     adv_lr: PositiveFloat = 1e-5  # discriminator head learning rate (PCM)
@@ -275,6 +281,8 @@ class TSCD(Method):
         x0 = self.f.apply(x_hi, s_hi, out) if isinstance(self.f, ConsistencyDenoiser) else out
         pred = ddim_jump(x_hi, x0, s_hi, s_edge)
         weight = 1.0 / (s_hi - s_lo) if c.weighting == "ict" else torch.ones_like(s_hi)
+        if c.weighting == "ict" and c.segment_balance > 0:
+            weight = weight * self._balance(seg, grid, c.segment_balance)[n]
         loss = (weight * consistency_distance(pred, target, c.loss, c.huber_c)).mean()
         logs["consistency"] = float(loss.detach())
         losses: dict[str, Tensor] = {}
@@ -284,6 +292,18 @@ class TSCD(Method):
         losses["student"] = loss
         logs["loss"] = float(loss.detach())
         return StepOutput(losses, logs)
+
+    @staticmethod
+    def _balance(seg: int, grid: Tensor, b: float) -> Tensor:
+        """``segment_balance``: a factor per solver level, ``(mean w / mean of w over the level's segment)^b``
+        with ``w = 1 / (t_{n+1} - t_n)`` (iCT's weight on the grid). Under plain ict a segment high on the
+        grid, where the steps are long, weighs far less than the lowest one (0.83 against 9.1 on average for
+        the two halves of the digits teacher's 48-step grid), so a multi-segment student's top jump, where
+        the sample's layout is decided, gets a small share of the gradient; ``b = 1`` gives every segment the
+        grid's mean weight, ``b = 0`` leaves ict as it is. One segment: no change."""
+        w = 1.0 / (grid[1:] - grid[:-1])
+        seg_mean = w.view(-1, seg).mean(dim=1, keepdim=True)
+        return ((w.mean() / seg_mean) ** b).expand(-1, seg).flatten()
 
     # ----------------------------------------------------------------------------------------------
     # Optional adversarial term
