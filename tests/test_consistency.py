@@ -251,6 +251,8 @@ def test_segment_balance_evens_out_the_segments_ict_weights(monkeypatch):
     assert out.logs["consistency"] == pytest.approx(float(w[n].mean()), rel=1e-5)
     with pytest.raises(UserError, match="segment_balance"):
         load_config(base={"method": "tscd", "tscd": {"segment_balance": 1.5}})
+    with pytest.raises(UserError, match="segment_balance=0.5 rescales iCT weights"):
+        TSCD(teacher, _toy_student(teacher.sigma_data), TSCDConfig(solver_steps=16, segment_balance=0.5), total_steps=4)
 
 
 class _Counting(MixtureDenoiser):

@@ -137,6 +137,9 @@ class TSCD(Method):
             raise UserError(f"{n}.grid must be teacher or karras, got {c.grid!r}")
         if c.weighting not in ("uniform", "ict"):
             raise UserError(f"{n}.weighting must be uniform or ict, got {c.weighting!r}")
+        if c.segment_balance > 0 and c.weighting != "ict":
+            raise UserError(f"{n}.segment_balance={c.segment_balance} rescales iCT weights: set {n}.weighting "
+                            f"to ict (it is {c.weighting!r}) or segment_balance to 0")
         if c.stage_teacher not in ("teacher", "previous"):
             raise UserError(f"{n}.stage_teacher must be teacher or previous, got {c.stage_teacher!r}")
         if not c.segments or any(k < 1 or c.solver_steps % k for k in c.segments):
