@@ -284,7 +284,7 @@ class TSCD(Method):
         x0 = self.f.apply(x_hi, s_hi, out) if isinstance(self.f, ConsistencyDenoiser) else out
         pred = ddim_jump(x_hi, x0, s_hi, s_edge)
         weight = 1.0 / (s_hi - s_lo) if c.weighting == "ict" else torch.ones_like(s_hi)
-        if c.weighting == "ict" and c.segment_balance > 0:
+        if c.segment_balance > 0:  # only with ict (checked at construction)
             weight = weight * self._balance(seg, grid, c.segment_balance)[n]
         loss = (weight * consistency_distance(pred, target, c.loss, c.huber_c)).mean()
         logs["consistency"] = float(loss.detach())
