@@ -13,7 +13,7 @@ import os
 import shutil
 from importlib.resources import files
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import UserError
 
@@ -105,4 +105,21 @@ def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, dest)
 
 
-__all__ = ["DEFAULT_TEACHER", "REPO_ROOT", "SHIPPED_PACKAGES", "atomic_folder", "resolve_path", "shipped_config"]
+def atomic_file(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` into a temporary sibling of ``path``, flush it to disk, then move it onto ``path``: another
+    process (a second DDP rank, a reader of a run folder) sees no file or the whole new one, never a half-written
+    one. On any failure the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["DEFAULT_TEACHER", "REPO_ROOT", "SHIPPED_PACKAGES", "atomic_file", "atomic_folder", "resolve_path",
+           "shipped_config"]

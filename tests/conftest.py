@@ -45,6 +45,17 @@ def one_and_two_processes(repo) -> tuple[dict, list[tuple[str, list[str]]]]:
                  ("two", ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "diffdistill"])]
 
 
+def run_launch(argv: list[str], env: dict) -> None:
+    """Run a CLI launch (one process or torchrun); on failure, fail the test with the end of its stderr, where
+    each rank's traceback is (pytest's CalledProcessError repr cuts it to a few characters)."""
+    import subprocess
+
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(argv)} exited {proc.returncode}; stderr ends:\n{proc.stderr[-6000:]}",
+                    pytrace=False)
+
+
 def write_config(path, data: dict):
     path.write_text(yaml.safe_dump(data))
     return path

@@ -30,7 +30,7 @@ from diffdistill.toy import (
 )
 from diffdistill.training.stepper import Stepper
 
-from tests.conftest import one_and_two_processes
+from tests.conftest import one_and_two_processes, run_launch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -426,7 +426,6 @@ def test_one_step_student_matches_mixture(pretrained_mlp, tmp_path):
 def test_torchrun_two_processes_match_one(tiny_teacher_run, tmp_path):
     """Two processes: the main one writes the nodes, both load them at the switches (after a barrier); the
     networks, the logged walk and the recorded path match one process."""
-    import subprocess
 
     env, launches = one_and_two_processes(REPO)
     runs = {}
@@ -434,7 +433,7 @@ def test_torchrun_two_processes_match_one(tiny_teacher_run, tmp_path):
         cfg = _digits_cfg(tiny_teacher_run, tmp_path / name, 12, "train.batch_size=8")
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config_to_yaml_dict(cfg)))
-        subprocess.run([*launch, "train", "--config", str(path)], check=True, env=env, capture_output=True)
+        run_launch([*launch, "train", "--config", str(path)], env)
         runs[name] = tmp_path / name
     assert _rows(runs["one"]) == _rows(runs["two"])
     one, two = _losses(runs["one"]), _losses(runs["two"])  # a wrong shard or noise draw moves these by far more

@@ -31,7 +31,7 @@ from diffdistill.toy import (
     sliced_wasserstein,
 )
 
-from tests.conftest import one_and_two_processes
+from tests.conftest import one_and_two_processes, run_launch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["digits/dmd2.yaml", "digits/dmd2_long.yaml", "digits/dmd2_4step.yaml", "cifar10/dmd2.yaml",
@@ -321,7 +321,6 @@ def test_training_loop_resumes_exactly_and_checkpoint_samples(tiny_teacher_run, 
 def test_torchrun_two_processes_match_one(tiny_teacher_run, tmp_path):
     """DDP: the GAN features come from the raw fake score (early exit at the bottleneck) beside one
     wrapped forward; two processes must still end with the one-process weights, head included."""
-    import subprocess
 
     import yaml
     from safetensors.torch import load_file
@@ -334,7 +333,7 @@ def test_torchrun_two_processes_match_one(tiny_teacher_run, tmp_path):
         cfg = _digits_cfg(tiny_teacher_run, tmp_path / name, 6, "train.batch_size=8", "train.checkpoint_every=6")
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config_to_yaml_dict(cfg)))
-        subprocess.run([*launch, "train", "--config", str(path)], check=True, env=env, capture_output=True)
+        run_launch([*launch, "train", "--config", str(path)], env)
         runs[name] = tmp_path / name / "checkpoints/step-0000006"
     for net in ("student", "fake_score", "gan_head"):
         a, b = load_file(str(runs["one"] / f"{net}.safetensors")), load_file(str(runs["two"] / f"{net}.safetensors"))

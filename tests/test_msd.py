@@ -24,7 +24,7 @@ from diffdistill.seeding import mix_seed
 from diffdistill.students import RoutedStudent, Student, build_student_net
 from diffdistill.training.stepper import Stepper
 
-from tests.conftest import one_and_two_processes
+from tests.conftest import one_and_two_processes, run_launch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["digits/msd.yaml", "digits/msd_small.yaml", "imagenet64/msd.yaml", "sd15/msd.yaml"]
@@ -447,7 +447,7 @@ def test_torchrun_two_processes_match_one(tiny_teacher_run, tmp_path):
                           "msd.gan=false")
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config_to_yaml_dict(cfg)))
-        subprocess.run([*launch, "train", "--config", str(path)], check=True, env=env, capture_output=True)
+        run_launch([*launch, "train", "--config", str(path)], env)
         runs[name] = tmp_path / name / "checkpoints/step-0000004"
     diffs = {}
     for k in range(3):

@@ -60,7 +60,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -71,6 +70,7 @@ from torch import Tensor, nn
 from ..checkpoint_io import load_safetensors
 from ..denoiser import CFGDenoiser, Denoiser
 from ..errors import UserError
+from ..paths import atomic_file
 from ..schema import Count, Fraction, PositiveInt
 from ..students import Student
 from .base import Batch, OptimConfig, StepOutput
@@ -112,14 +112,6 @@ def shapes_signature(net: nn.Module) -> str:
 def node_steps(num_nodes: int, degradation_steps: int) -> list[int]:
     """Degradation step of each node ``k = 0 .. N``: ``k * D // N`` (node 0 = before any update)."""
     return [k * degradation_steps // num_nodes for k in range(num_nodes + 1)]
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class DisBack(DMD2):
@@ -326,7 +318,7 @@ class DisBack(DMD2):
         file = self.path_dir / f"node-{k:02d}.safetensors"
         step = node_steps(self.num_nodes, self.degradation_steps)[k]
         meta = {"disback_node": json.dumps({"node": k, "step": step})}  # one key: safetensors orders keys randomly
-        _atomic_write(file, lambda tmp: save_file(state, str(tmp), metadata=meta))
+        atomic_file(file, lambda tmp: save_file(state, str(tmp), metadata=meta))
         entry = {"node": k, "step": step, "file": file.name, "sha256": file_sha256(file), "bytes": file.stat().st_size}
         self.path["nodes"] = [n for n in self.path["nodes"] if n["node"] != k] + [entry]
         self.path["nodes"].sort(key=lambda n: n["node"])
@@ -335,7 +327,7 @@ class DisBack(DMD2):
 
     def _write_path(self) -> None:
         text = json.dumps(self.path, indent=2)
-        _atomic_write(self.path_dir / PATH_FILE, lambda tmp: tmp.write_text(text))
+        atomic_file(self.path_dir / PATH_FILE, lambda tmp: tmp.write_text(text))
 
     # ----------------------------------------------------------------------------------------------
     # Reading and loading (every process)

@@ -74,6 +74,7 @@ from torch import Tensor
 
 from ..denoiser import Denoiser, TextCond, append_dims, cond_to
 from ..errors import UserError
+from ..paths import atomic_file
 from ..partitions import (PARTITION_KINDS, PCAPartition, check_partition, class_partition, format_partition,
                           pooled_text_embedding)
 from ..schema import Count, PositiveFloat, PositiveInt
@@ -305,7 +306,8 @@ class MSD(Method):
                                 f"{record['groups']}: resume with the run's own msd settings")
         elif is_main:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(record, indent=2))
+            # atomic: the other ranks read this file in this same hook and must never see it half-written
+            atomic_file(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
         if is_main:
             print(f"msd: {self.num_students} students, partition {self.config.partition!r} "
                   f"(saved in {path}):\n{self.describe_partition()}", flush=True)
