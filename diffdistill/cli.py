@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import UserError, positive_int
+from .errors import GAMMA_HELP, UserError, positive_int
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,7 +72,7 @@ def _read_prompts(path: Optional[str]) -> Optional[list[str]]:
 
 
 def cmd_sample(args) -> int:
-    from .generator import check_guidance_scale, load_generator, save_grid, save_pngs
+    from .generator import apply_gamma, check_guidance_scale, load_generator, save_grid, save_pngs
 
     out = Path(args.out)
     if out.exists() and any(out.glob("[0-9]" * 6 + ".png")):
@@ -89,6 +89,7 @@ def cmd_sample(args) -> int:
     gen = load_generator(args.checkpoint, sampler=args.sampler, steps=args.steps,  # a stage student for --steps K
                          guidance_scale=args.guidance_scale)
     check_guidance_scale(gen, args.guidance_scale, prompts is not None)
+    apply_gamma(gen, args.gamma)
     images = gen.sample(args.num_samples, steps=args.steps, labels=labels, prompts=prompts, seed=args.seed,
                         batch_size=args.batch_size, progress=True)
     save_pngs(images, out)
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="heun", choices=["heun", "euler", "ddim"], help="teacher ODE solver")
     s.add_argument("--guidance-scale", type=float, default=None,
                    help="teachers: classifier-free guidance scale of the ODE (default 1: none)")
+    s.add_argument("--gamma", type=float, default=None, help=GAMMA_HELP)
     s.set_defaults(func=cmd_sample)
 
     from .eval_cli import add_eval_parser

@@ -16,3 +16,8 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+# ``--gamma`` of ``sample`` and ``eval fid / clip`` (see :func:`diffdistill.generator.apply_gamma`)
+GAMMA_HELP = ("deterministic (ddim) students, e.g. TSCD: TCD's stochastic sampling in [0, 1] (diffusers "
+              "TCDScheduler eta; 0: DDIM, as trained; 1: fresh noise at every step)")

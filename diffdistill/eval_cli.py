@@ -21,7 +21,8 @@ from .errors import UserError
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``eval`` with its ``fid`` and ``clip`` sub-commands on an argparse ``subparsers`` object."""
-    from .errors import positive_int  # --num-samples, --steps, --batch-size: whole numbers >= 1, one line otherwise
+    # positive_int: --num-samples, --steps, --batch-size are whole numbers >= 1, one line otherwise
+    from .errors import GAMMA_HELP, positive_int
 
     parser = subparsers.add_parser("eval", help="measure FID or CLIP score of a teacher or student")
     parser.set_defaults(func=run_eval)  # diffdistill.cli calls args.func(args)
@@ -43,6 +44,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     fid.add_argument("--batch-size", type=positive_int, default=64, help="images per generation batch, per process")
     fid.add_argument("--seed", type=int, default=0, help="run seed (batch b uses a seed derived from it)")
     fid.add_argument("--guidance-scale", type=float, default=None, help="teachers: classifier-free guidance scale")
+    fid.add_argument("--gamma", type=float, default=None, help=GAMMA_HELP)
     fid.set_defaults(eval_func=_run_fid)
 
     clip = sub.add_parser("clip", help="CLIP score of one generated image per prompt (open_clip, local weights)")
@@ -58,6 +60,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     clip.add_argument("--batch-size", type=positive_int, default=16, help="images per generation batch")
     clip.add_argument("--seed", type=int, default=0, help="run seed")
     clip.add_argument("--guidance-scale", type=float, default=None, help="teachers: classifier-free guidance scale")
+    clip.add_argument("--gamma", type=float, default=None, help=GAMMA_HELP)
     clip.set_defaults(eval_func=_run_clip)
     return parser
 
@@ -80,14 +83,16 @@ def _accelerator() -> Any | None:
 
 
 def _load_generator(path: str, device: torch.device, steps: Optional[int] = None,
-                    guidance_scale: Optional[float] = None, prompts: bool = False) -> Any:
+                    guidance_scale: Optional[float] = None, prompts: bool = False,
+                    gamma: Optional[float] = None) -> Any:
     from . import load_generator
-    from .generator import check_guidance_scale
+    from .generator import apply_gamma, check_guidance_scale
 
     if not Path(path).exists():
         raise UserError(f"checkpoint not found: {path}")
     generator = load_generator(path, steps=steps, guidance_scale=guidance_scale)  # --steps K: a stage student
     check_guidance_scale(generator, guidance_scale, prompts)
+    apply_gamma(generator, gamma)
     if hasattr(generator, "to"):
         generator = generator.to(device) or generator
     return generator
@@ -116,10 +121,12 @@ def _run_fid(args: argparse.Namespace) -> int:
         extractor = (InceptionV3Features(args.inception_weights) if features == "inception" else DigitsFeatures())
         extractor = extractor.to(device)
         ref = resolve_ref_stats(extractor, args.ref_stats, args.ref_images, args.ref_dataset)
-    generator = _load_generator(args.checkpoint, device, args.steps, args.guidance_scale)
+    generator = _load_generator(args.checkpoint, device, args.steps, args.guidance_scale, gamma=args.gamma)
     result = evaluate_fid(generator, extractor, ref, args.num_samples, steps=args.steps, batch_size=args.batch_size,
                           seed=args.seed, accelerator=accelerator)
     result = {"metric": "fid", "checkpoint": str(args.checkpoint), **result}
+    if args.gamma is not None:
+        result["gamma"] = args.gamma  # TCD sampling of a deterministic student
     if getattr(generator, "artefact", None) is not None:
         result["artefact"] = str(generator.artefact)  # e.g. the stage student that --steps picked
     if accelerator is None or accelerator.is_main_process:
@@ -137,9 +144,12 @@ def _run_clip(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scorer = ClipScorer.from_files(args.clip_model, args.clip_weights, device=device, scale=args.clip_scale,
                                    clamp=not args.no_clamp, prefix=args.clip_prefix)
-    generator = _load_generator(args.checkpoint, device, args.steps, args.guidance_scale, prompts=True)
+    generator = _load_generator(args.checkpoint, device, args.steps, args.guidance_scale, prompts=True,
+                                gamma=args.gamma)
     result = evaluate_clip(generator, scorer, prompts, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
     result = {"metric": "clip_score", "checkpoint": str(args.checkpoint), **result}
+    if args.gamma is not None:
+        result["gamma"] = args.gamma
     _write_json(result, args.out)
     print(f"CLIP score {result['clip_score']:.4f} ({result['recipe']['backbone']}, scale {args.clip_scale}, "
           f"{result['num_samples']} prompts) -> {args.out}")

@@ -220,6 +220,28 @@ def check_guidance_scale(gen: Generator, guidance_scale: Optional[float], prompt
         raise UserError("--guidance-scale needs a conditional teacher: this one is unconditional")
 
 
+def apply_gamma(gen: Generator, gamma: Optional[float]) -> None:
+    """``--gamma``: sample a deterministic (DDIM) multi-step student with TCD's strategic stochastic sampling
+    (:class:`~diffdistill.students.Student`; diffusers' ``TCDScheduler`` ``eta``). Refused, one line, outside
+    [0, 1], for a teacher (its ODE solver is ``--sampler``) and for a student that already re-noises with fresh
+    noise at every step (DMD2, CD, iCT): there gamma would change nothing."""
+    if gamma is None:
+        return
+    from .students import RoutedStudent, Student
+
+    if not 0.0 <= gamma <= 1.0:
+        raise UserError(f"--gamma must be in [0, 1] (0: DDIM, 1: fresh noise at every step), got {gamma}")
+    if gen.is_teacher:
+        raise UserError("--gamma applies to students that step deterministically (renoise ddim, e.g. TSCD); a "
+                        "teacher is sampled by its ODE solver (--sampler)")
+    members = list(gen.model.members) if isinstance(gen.model, RoutedStudent) else [gen.model]
+    if any(type(m) is not Student or m.renoise != "ddim" for m in members):
+        raise UserError("--gamma applies to students that step deterministically (renoise ddim, e.g. TSCD); this "
+                        "one re-noises with fresh noise at every step already")
+    for m in members:
+        m.gamma = float(gamma)
+
+
 def exported_student(teacher: Any) -> Optional[Any]:
     """The student recorded in an exported folder's ``diffdistill.json`` (``"student"``: levels, re-noising,
     wrapper) around the folder's network, or ``None`` for a plain teacher folder."""
@@ -256,4 +278,4 @@ def save_pngs(images: Tensor, out_dir: str | Path, start: int = 0) -> list[Path]
     return paths
 
 
-__all__ = ["Generator", "load_generator", "save_grid", "save_pngs"]
+__all__ = ["Generator", "apply_gamma", "load_generator", "save_grid", "save_pngs"]

@@ -9,12 +9,16 @@ Every method trains one of these student kinds (``student.kind``):
 
 A K-step student maps ``z`` to ``x0`` as ``x = s_0 z; x0 = D(x, s_0); x = x0 + s_1 n'; ...`` (DMD2's
 re-noising with fresh noise), or, with ``renoise="ddim"``, moves deterministically along the student's
-own trajectory ``x = x0 + s_{i+1} (x - x0) / s_i`` (Hyper-SD / PCM sampling along segment edges).
+own trajectory ``x = x0 + s_{i+1} (x - x0) / s_i`` (Hyper-SD / PCM sampling along segment edges). A
+deterministic student can also be sampled with TCD's strategic stochastic sampling (``gamma`` in (0, 1], diffusers'
+``TCDScheduler`` ``eta``): the DDIM move stops at the lower level ``s'`` of timestep ``floor((1 - gamma) t_{i+1})``
+and fresh noise takes it up to ``s_{i+1}``, ``x = x0 + s' (x - x0) / s_i + sqrt(s_{i+1}^2 - s'^2) n``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import re
 from typing import Optional, Sequence
 
@@ -41,15 +45,20 @@ class Student(nn.Module):
         levels: descending noise levels the student is evaluated at; ``levels[0]`` is where pure
             noise enters (``x = levels[0] * z``).
         renoise: ``"fresh"`` (new Gaussian noise between steps) or ``"ddim"`` (deterministic).
+        gamma: ``"ddim"`` students only: TCD's stochasticity in [0, 1] (0: plain DDIM, 1: all fresh noise);
+            a sampling choice, not part of the trained student (``diffdistill sample / eval --gamma``).
     """
 
-    def __init__(self, net: Denoiser, levels: Sequence[float], renoise: str = "fresh") -> None:
+    def __init__(self, net: Denoiser, levels: Sequence[float], renoise: str = "fresh", gamma: float = 0.0) -> None:
         super().__init__()
         if renoise not in ("fresh", "ddim"):
             raise ValueError(f"renoise must be 'fresh' or 'ddim', got {renoise!r}")
         self.net = net
         self.levels = [float(s) for s in levels]
         self.renoise = renoise
+        if not 0.0 <= gamma <= 1.0 or (gamma > 0 and renoise != "ddim"):
+            raise ValueError(f"gamma must be in [0, 1] and needs renoise='ddim', got {gamma} with {renoise!r}")
+        self.gamma = float(gamma)
 
     @property
     def steps(self) -> int:
@@ -80,11 +89,24 @@ class Student(nn.Module):
             if i + 1 < len(levels):
                 s_next = levels[i + 1]
                 if self.renoise == "fresh":
+                    x = x0 + s_next * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                elif self.gamma > 0:  # TCD: DDIM down to s' <= s_next, then fresh noise back up to s_next
+                    s_low = min(tcd_level(self.net.sigma_grid(), s_next, self.gamma), s_next)
                     n = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                    x = x0 + s_low * ((x - x0) / s) + math.sqrt(s_next**2 - s_low**2) * n
                 else:
-                    n = (x - x0) / s
-                x = x0 + s_next * n
+                    x = x0 + s_next * ((x - x0) / s)
         return x0
+
+
+def tcd_level(grid: Tensor, level: float, gamma: float) -> float:
+    """TCD's intermediate level for a step that lands on ``level``: the level of index ``floor((1 - gamma) t)`` on
+    the model's ascending ``grid``, where ``t`` is the index of the grid level nearest ``level`` (for a discrete
+    teacher the index is its timestep, as in diffusers' ``TCDScheduler``; for a continuous one, a position on
+    its log-uniform grid)."""
+    grid = grid.detach().float().cpu()
+    t = int(torch.argmin((grid - float(level)).abs()))
+    return float(grid[int(math.floor((1.0 - gamma) * t))])
 
 
 class RoutedStudent(nn.Module):

@@ -175,3 +175,44 @@ def test_a_fresh_run_in_a_folder_with_old_stage_students_removes_them(run, tmp_p
     train(_cfg(teacher, out, "train.steps=3", "tscd.stage_starts=[0,1,2,3]"))
     spec = {k: read_spec(d) for k, d in stage_artefacts(out).items()}
     assert sorted(spec) == [2, 4, 8] and all(s["step"] <= 3 for s in spec.values())
+
+
+def _fresh_noise_student(teacher, out):
+    """A 2-step CD run (CM's multistep sampling: fresh noise between steps), trained for one step."""
+    from diffdistill.config import load_config
+    from diffdistill.paths import resolve_path
+    from diffdistill.training.loop import train
+
+    return train(load_config(resolve_path("configs/digits/cd.yaml"), [
+        f"output_dir={out}", f"teacher.path={teacher}", "data.resolution=8", "train.steps=1", "student.steps=2",
+        "train.batch_size=4", "train.checkpoint_every=1", "train.sample_every=0", "train.warmup_steps=0"]))
+
+
+def test_gamma_samples_a_stage_student_with_tcd_and_bad_uses_are_refused(run, tmp_path, capsys):
+    """``sample --gamma G``: the 4-step stage student sampled with TCD's stochastic steps (other samples than
+    DDIM's; gamma 0 is DDIM itself, byte for byte); a gamma outside [0, 1], a teacher and a fresh-noise student
+    are refused with one line and exit status 2, writing nothing."""
+    from PIL import Image
+
+    from diffdistill.cli import main
+
+    run, teacher_run = run
+    outs = {}
+    for name, extra in (("ddim", []), ("g0", ["--gamma", "0"]), ("g5", ["--gamma", "0.5"])):
+        out = tmp_path / name
+        assert main(["sample", "--checkpoint", str(run), "--steps", "4", "--num-samples", "4", "--seed", "3",
+                     "--out", str(out), *extra]) == 0
+        outs[name] = [torch.tensor(list(Image.open(out / f"{i:06d}.png").getdata())) for i in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(outs["ddim"], outs["g0"]))
+    assert not all(torch.equal(a, b) for a, b in zip(outs["ddim"], outs["g5"]))
+    bad = [([str(run), "--steps", "4", "--gamma", "1.5"], "--gamma must be in [0, 1]"),
+           ([str(teacher_run / "teacher"), "--steps", "4", "--gamma", "0.3"], "a teacher is sampled by its ODE"),
+           ([str(_fresh_noise_student(teacher_run, tmp_path / "cd")), "--gamma", "0.3"],
+            "re-noises with fresh noise at every step already")]
+    capsys.readouterr()
+    for args, message in bad:
+        out = tmp_path / "bad"
+        assert main(["sample", "--checkpoint", *args, "--num-samples", "2", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not out.exists()
