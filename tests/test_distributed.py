@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from diffdistill.training.batches import BatchSource
-from tests.conftest import tiny_teacher_config, write_config
+from tests.conftest import run_launch, tiny_teacher_config, write_config
 
 
 class _Data:
@@ -48,10 +47,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
         cfgs[name] = write_config(tmp_path / f"{name}.yaml",
                                   tiny_teacher_config(tmp_path / name, steps=20, log_every=5, ema_decay=0.0))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    subprocess.run([sys.executable, "-m", "diffdistill", "teacher", "train", "--config", str(cfgs["one"])],
-                   check=True, env=env, capture_output=True)
-    subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "diffdistill", "teacher", "train",
-                    "--config", str(cfgs["two"])], check=True, env=env, capture_output=True)
+    run_launch([sys.executable, "-m", "diffdistill", "teacher", "train", "--config", str(cfgs["one"])], env)
+    run_launch(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "diffdistill", "teacher", "train",
+                "--config", str(cfgs["two"])], env)
     rows = {n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in cfgs}
     assert [r["step"] for r in rows["one"]] == [r["step"] for r in rows["two"]] == [5, 10, 15, 20]
     for a, b in zip(rows["one"], rows["two"]):
