@@ -29,9 +29,11 @@ The scheduler is chosen so that its *plain* ``set_timesteps(K)`` gives the stude
   ``set_timesteps(K)`` is then DDIM's trailing grid) and a huge ``timestep_scaling``, which makes LCM's
   boundary scalings ``c_skip = 0``, ``c_out = 1`` at every timestep >= 1, i.e. ``x' = sqrt(abar') x0 +
   sqrt(1 - abar') n``;
-- levels that are not teacher timesteps (iCT's sigma 80, BOOT's sigma 1): one step, or deterministic steps
-  on a Karras grid, with ``EulerDiscreteScheduler(use_karras_sigmas=True, sigma_max, sigma_min)``, which
-  evaluates the UNet at the fractional timestep of each sigma exactly as the VP adapter does.
+- levels that are not teacher timesteps (iCT's sigma 80, BOOT's sigma 1, TSCD on a geometric grid): one
+  step, or deterministic steps on a Karras or geometric grid, with ``EulerDiscreteScheduler(
+  use_karras_sigmas=True | use_exponential_sigmas=True, sigma_max, sigma_min)``, which evaluates the UNet
+  at the fractional timestep of each sigma exactly as the VP adapter does (Euler's step
+  ``x' = x + (s' - s)(x - x0)/s`` is the DDIM jump in sigma space).
 
 After building it, the scheduler's own levels are compared with the student's; a mismatch is one clear
 line. Consistency-parameterised students (iCT/CD/TSCD with ``consistency_param``) output

@@ -45,6 +45,8 @@ def student_scheduler(scheduler_config: dict, levels: list[float], renoise: str)
     if deterministic:
         candidates = [build(DDIMScheduler, timestep_spacing="trailing", set_alpha_to_one=True),
                       build(EulerDiscreteScheduler, timestep_spacing="trailing", use_karras_sigmas=True,
+                            sigma_max=levels[0], sigma_min=levels[-1]),
+                      build(EulerDiscreteScheduler, timestep_spacing="trailing", use_exponential_sigmas=True,
                             sigma_max=levels[0], sigma_min=levels[-1])]
     else:
         candidates = [build(LCMScheduler, original_inference_steps=k, timestep_scaling=1e8, set_alpha_to_one=True)]
@@ -58,7 +60,7 @@ def student_scheduler(scheduler_config: dict, levels: list[float], renoise: str)
     kind = "deterministic (ddim)" if deterministic else "fresh-noise"
     raise UserError(f"no diffusers scheduler reproduces this {k}-step {kind} student's levels "
                     f"{[round(s, 4) for s in levels]}: trailing teacher timesteps (DDIM / LCM) or, for deterministic "
-                    "steps, a Karras grid (Euler) are expressible; export it with --steps 1, or train it on such "
+                    "steps, a Karras or geometric grid (Euler) are expressible; export it with --steps 1, or train it on such "
                     "levels")
 
 

@@ -113,12 +113,15 @@ def test_sampling_levels_are_the_edges_each_stage_trained_towards(run, monkeypat
     """Record the (level, edge) jumps of the student's prediction in training, stage by stage, and compare
     them with the jumps a loaded stage student makes: levels[i] -> levels[i + 1] (DDIM), the last to the
     boundary t_0."""
+    _assert_sampling_levels_are_trained_edges(run[0], monkeypatch)
+
+
+def _assert_sampling_levels_are_trained_edges(run, monkeypatch) -> None:
     from diffdistill.config import load_config
     from diffdistill.methods import consistency_distillation as cdm
     from diffdistill.methods.base import Batch
     from diffdistill.training.build import build_method
 
-    run, _ = run
     cfg = load_config(run / "config.yaml")
     method, _ = build_method(cfg, "cpu")
     jumps: list[tuple[float, float]] = []
@@ -145,6 +148,52 @@ def test_sampling_levels_are_the_edges_each_stage_trained_towards(run, monkeypat
         # every edge training jumps to is a sampling level (or the boundary), and every level is a segment top
         assert {e for _, e in trained} == set(levels[1:]) | {bottom}
         assert max(s for s, _ in trained) == levels[0]
+
+
+@pytest.fixture(scope="module")
+def geometric_run(tiny_teacher_run, tmp_path_factory):
+    from diffdistill.training.loop import train
+
+    return train(_cfg(tiny_teacher_run, tmp_path_factory.mktemp("tscd_geo") / "run", "tscd.grid=geometric"))
+
+
+def test_a_geometric_grid_trains_samples_and_exports_on_the_same_levels(geometric_run, monkeypatch, tmp_path):
+    """``grid: geometric`` (uniform in log-SNR): every stage's levels are geometric from the teacher's top
+    level, training jumps to exactly those levels, and ``export --steps K`` reproduces them with diffusers'
+    Euler scheduler (exponential sigmas) and the same samples."""
+    from diffusers import EulerDiscreteScheduler
+
+    from diffdistill.export import export_generator
+
+    run = geometric_run
+    _assert_sampling_levels_are_trained_edges(run, monkeypatch)
+    top = None
+    for k in (8, 4, 2):
+        levels = read_spec(run / "stages" / f"steps-{k}")["members"][0]["levels"]
+        top = top or levels[0]
+        assert levels[0] == top and len(levels) == k
+        ratios = [b / a for a, b in zip(levels, levels[1:])]
+        assert max(ratios) - min(ratios) < 1e-5 * max(ratios), (k, levels)  # a geometric sequence
+        exp = export_generator(str(run), str(tmp_path / f"exp{k}"), steps=k)
+        sched = EulerDiscreteScheduler.from_pretrained(exp, subfolder="scheduler")
+        assert sched.config.use_exponential_sigmas or k == 2  # two levels are also a Karras grid
+        sched.set_timesteps(k)
+        assert torch.allclose(sched.sigmas[:-1].double(), torch.tensor(levels, dtype=torch.float64), rtol=1e-4)
+        ours = load_generator(run, device="cpu", steps=k).sample(4, seed=3)
+        theirs = load_generator(exp, device="cpu").sample(4, seed=3)
+        assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_a_geometric_grid_outside_the_teachers_levels_is_one_clear_error(run, tmp_path):
+    from diffdistill.errors import UserError
+    from diffdistill.training.build import build_method
+
+    _, teacher = run
+    for extra, message in ((["tscd.sigma_min=2.0", "tscd.sigma_max=1.0"], "tscd.sigma_min (2) must be below tscd.sigma_max (1)"),
+                           (["tscd.sigma_max=1000"], "must lie within the teacher's levels")):
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            build_method(_cfg(teacher, tmp_path / "run", "tscd.grid=geometric", *extra), "cpu")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_killed_and_resumed_run_keeps_the_same_stage_students(run, tmp_path):

@@ -1,7 +1,8 @@
 """Consistency distillation (CD) and Hyper-SD's trajectory-segmented CD (TSCD), one implementation.
 
-Solver grid ``t_0 < t_1 < ... < t_N`` (the teacher's discrete timesteps with trailing spacing, or a
-Karras grid), cut into ``k`` equal segments with edges ``t_{jN/k}``. For ``n ~ U{0..N-1}``:
+Solver grid ``t_0 < t_1 < ... < t_N`` (the teacher's discrete timesteps with trailing spacing, a Karras
+grid, or a geometric one: ``t_i = t_0 (t_N / t_0)^(i/N)``, uniform in log-SNR), cut into ``k`` equal segments
+with edges ``t_{jN/k}``. For ``n ~ U{0..N-1}``:
 
     x_{n+1} = x + t_{n+1} z                                       # noised real data
     x_hat_n = solver_step(D_teacher_cfg, x_{n+1}, t_{n+1} -> t_n)  # DDIM or Heun, CFG w (or U[lo, hi])
@@ -66,13 +67,15 @@ class TSCDConfig:
     stage_teacher: Literal["previous", "teacher"] = "previous"
     solver_steps: PositiveInt = 48  # N; divisible by every segment count (PCM SD1.5: 50 with 4 phases)
     solver: Literal["ddim", "heun"] = "ddim"  # teacher ODE step: ddim (= Euler in sigma space, PCM/LCM) | heun (CM)
-    # solver grid: teacher (its discrete timesteps, trailing: PCM/LCM) | karras (CM)
-    grid: Literal["teacher", "karras"] = "teacher"
+    # solver grid: teacher (its discrete timesteps, trailing: PCM/LCM) | karras (CM) | geometric (uniform in
+    # log sigma = log-SNR, DPM-Solver's logSNR spacing; the edges of every stage then sit at the same log-SNR
+    # fractions whatever the teacher's beta schedule)
+    grid: Literal["teacher", "karras", "geometric"] = "teacher"
     guidance_scale: NonNegFloat = 1.0  # teacher CFG in the solver, u + w (c - u); filled from teacher.guidance_scale
     # w ~ U[lo, hi] per sample instead of guidance_scale (PCM SD1.5: [5, 6], its LCM-style w in [4, 5])
     guidance_range: Optional[Annotated[list[NonNegFloat], Len(2, 2)]] = None
-    sigma_min: Optional[PositiveFloat] = None  # lowest level (the boundary) of a karras grid; None: the teacher's
-    sigma_max: Optional[PositiveFloat] = None  # highest level of a karras grid; None: the teacher's
+    sigma_min: Optional[PositiveFloat] = None  # lowest level (the boundary) of a karras/geometric grid; None: the teacher's
+    sigma_max: Optional[PositiveFloat] = None  # highest level of a karras/geometric grid; None: the teacher's
     rho: PositiveFloat = 7.0  # exponent of a karras grid (also used for teachers without discrete timesteps)
     # huber_elementwise (PCM) | huber (iCT, whole sample) | mse
     loss: Literal["huber", "huber_elementwise", "mse"] = "huber_elementwise"
@@ -92,7 +95,7 @@ class CDConfig(TSCDConfig):
     segments: Annotated[list[PositiveInt], MinLen(1)] = field(default_factory=lambda: [1])
     solver_steps: PositiveInt = 18  # N (CM on CIFAR-10 with an EDM teacher: 18; LCM/PCM DDIM: 50)
     solver: Literal["ddim", "heun"] = "heun"  # CM's teacher solver with EDM teachers
-    grid: Literal["teacher", "karras"] = "karras"  # CM's grid (rho 7 on [sigma_min, sigma_max])
+    grid: Literal["teacher", "karras", "geometric"] = "karras"  # CM's grid (rho 7 on [sigma_min, sigma_max])
     loss: Literal["huber", "huber_elementwise", "mse"] = "huber"  # iCT's pseudo-Huber in place of CM's LPIPS
 
 
@@ -109,7 +112,7 @@ class TSCD(Method):
             raise UserError(f"{self.name} distils a teacher: set teacher.path")
         self._validate(config)
         super().__init__(teacher, student, config, optim, total_steps)
-        self.grid = self._solver_grid(teacher, config)  # ascending [N + 1]
+        self.grid = self._solver_grid(teacher, config, self.name)  # ascending [N + 1]
         self.f = ConsistencyDenoiser(student.net, float(self.grid[0])) if config.consistency_param else student.net
         k = len(config.segments)
         self.starts = config.stage_starts or [j * total_steps // k for j in range(k)]
@@ -133,8 +136,8 @@ class TSCD(Method):
             raise UserError(f"{n}.loss must be one of {', '.join(LOSSES)}, got {c.loss!r}")
         if c.solver not in ("ddim", "heun"):
             raise UserError(f"{n}.solver must be ddim or heun, got {c.solver!r}")
-        if c.grid not in ("teacher", "karras"):
-            raise UserError(f"{n}.grid must be teacher or karras, got {c.grid!r}")
+        if c.grid not in ("teacher", "karras", "geometric"):
+            raise UserError(f"{n}.grid must be teacher, karras or geometric, got {c.grid!r}")
         if c.weighting not in ("uniform", "ict"):
             raise UserError(f"{n}.weighting must be uniform or ict, got {c.weighting!r}")
         if c.segment_balance > 0 and c.weighting != "ict":
@@ -158,10 +161,18 @@ class TSCD(Method):
             raise UserError(f"{n}.guidance_range must be [lo, hi] with lo <= hi, got {g}")
 
     @staticmethod
-    def _solver_grid(teacher: Denoiser, c: TSCDConfig) -> Tensor:
+    def _solver_grid(teacher: Denoiser, c: TSCDConfig, name: str = "tscd") -> Tensor:
         """``N + 1`` ascending levels: with ``grid: teacher`` and a discrete teacher, its timesteps
-        ``0, T/N - 1, 2T/N - 1, ..., T - 1`` (trailing, PCM's DDIM solver); else a Karras grid on
-        [sigma_min, sigma_max] (VP teachers evaluate it at fractional timesteps)."""
+        ``0, T/N - 1, 2T/N - 1, ..., T - 1`` (trailing, PCM's DDIM solver); with ``grid: geometric`` the
+        levels ``sigma_min (sigma_max / sigma_min)^(i/N)``; else a Karras grid on [sigma_min, sigma_max] (VP
+        teachers evaluate the last two at fractional timesteps).
+
+        Why geometric: equal segments of a trailing grid sit where the teacher's beta schedule puts them. On
+        SD's scaled-linear schedule Hyper-SD's 2-segment edge (t = 499) is sigma 1.6 (~1.6 sigma_data); on a
+        linear-beta pixel teacher (the digits teacher) t = 499 is sigma 3.4 (~7 sigma_data), so a 2-step
+        student's first jump ends where the class is still being decided. Uniform in log-SNR puts the edges
+        at the same log-SNR fractions for any schedule, and every stage's levels stay geometric from the
+        top, which diffusers' ``EulerDiscreteScheduler(use_exponential_sigmas=True)`` reproduces."""
         n = c.solver_steps
         if c.grid == "teacher" and teacher.sigmas is not None:
             t = len(teacher.sigmas)
@@ -171,6 +182,13 @@ class TSCD(Method):
             return teacher.sigmas[idx].float().cpu()
         lo = teacher.sigma_min if c.sigma_min is None else c.sigma_min
         hi = teacher.sigma_max if c.sigma_max is None else c.sigma_max
+        if not lo < hi:
+            raise UserError(f"{name}.sigma_min ({lo:g}) must be below {name}.sigma_max ({hi:g})")
+        if c.grid == "geometric" and teacher.sigmas is not None and not (teacher.sigma_min * (1 - 1e-6) <= lo and hi <= teacher.sigma_max * (1 + 1e-6)):
+            raise UserError(f"{name}.sigma_min / sigma_max ({lo:g}, {hi:g}) must lie within the teacher's levels "
+                            f"[{teacher.sigma_min:g}, {teacher.sigma_max:g}]")
+        if c.grid == "geometric":
+            return torch.exp(torch.linspace(math.log(lo), math.log(hi), n + 1, dtype=torch.float64)).float()
         return ict_sigmas(n + 1, lo, hi, c.rho)
 
     def _build_head(self, teacher: Denoiser) -> None:
