@@ -184,10 +184,11 @@ class TSCD(Method):
         hi = teacher.sigma_max if c.sigma_max is None else c.sigma_max
         if not lo < hi:
             raise UserError(f"{name}.sigma_min ({lo:g}) must be below {name}.sigma_max ({hi:g})")
-        if c.grid == "geometric" and teacher.sigmas is not None and not (teacher.sigma_min * (1 - 1e-6) <= lo and hi <= teacher.sigma_max * (1 + 1e-6)):
-            raise UserError(f"{name}.sigma_min / sigma_max ({lo:g}, {hi:g}) must lie within the teacher's levels "
-                            f"[{teacher.sigma_min:g}, {teacher.sigma_max:g}]")
         if c.grid == "geometric":
+            discrete = teacher.sigmas is not None  # a continuous teacher evaluates any level
+            if discrete and not (teacher.sigma_min * (1 - 1e-6) <= lo and hi <= teacher.sigma_max * (1 + 1e-6)):
+                raise UserError(f"{name}.sigma_min / sigma_max ({lo:g}, {hi:g}) must lie within the teacher's levels "
+                                f"[{teacher.sigma_min:g}, {teacher.sigma_max:g}]")
             return torch.exp(torch.linspace(math.log(lo), math.log(hi), n + 1, dtype=torch.float64)).float()
         return ict_sigmas(n + 1, lo, hi, c.rho)
 
