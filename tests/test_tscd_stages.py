@@ -151,17 +151,45 @@ def _assert_sampling_levels_are_trained_edges(run, monkeypatch) -> None:
         assert max(s for s, _ in trained) == levels[0]
 
 
-@pytest.fixture(scope="module")
-def geometric_run(tiny_teacher_run, tmp_path_factory):
+@pytest.fixture(scope="module", params=["tscd.grid=geometric", "the shipped config: tscd.edges=geometric"])
+def geometric_run(request, tiny_teacher_run, tmp_path_factory):
     from diffdistill.training.loop import train
 
-    return train(_cfg(tiny_teacher_run, tmp_path_factory.mktemp("tscd_geo") / "run", "tscd.grid=geometric"))
+    if request.param.startswith("the shipped config"):
+        run, _ = request.getfixturevalue("run")
+        assert read_spec(run / "stages" / "steps-4")  # the shipped digits config moves the edges
+        return run
+    return train(_cfg(tiny_teacher_run, tmp_path_factory.mktemp("tscd_geo") / "run", request.param))
+
+
+def test_uniform_edges_are_the_teachers_trailing_timesteps_and_export_as_ddim(tiny_teacher_run, tmp_path, monkeypatch):
+    """``edges: uniform`` (PCM / Hyper-SD): stage k's levels are every N/k-th level of the teacher's trailing
+    grid, training jumps to exactly those, and the export is diffusers' DDIM with trailing spacing, same samples."""
+    from diffusers import DDIMScheduler
+
+    from diffdistill.export import export_generator
+    from diffdistill.training.loop import train
+
+    run = train(_cfg(tiny_teacher_run, tmp_path / "run", "tscd.edges=uniform"))
+    _assert_sampling_levels_are_trained_edges(run, monkeypatch)
+    for k in (4, 2):
+        levels = read_spec(run / "stages" / f"steps-{k}")["members"][0]["levels"]
+        exp = export_generator(str(run), str(tmp_path / f"exp{k}"), steps=k)
+        sched = DDIMScheduler.from_pretrained(exp, subfolder="scheduler")
+        assert sched.config.timestep_spacing == "trailing"
+        sched.set_timesteps(k)
+        t = sched.timesteps.tolist()
+        assert t == [999 - j * 1000 // k for j in range(k)] or t == [round(1000 - j * 1000 / k) - 1 for j in range(k)], t
+        ours = load_generator(run, device="cpu", steps=k).sample(4, seed=3)
+        theirs = load_generator(exp, device="cpu").sample(4, seed=3)
+        assert len(levels) == k and (ours - theirs).abs().max().item() < 1e-4
 
 
 def test_a_geometric_grid_trains_samples_and_exports_on_the_same_levels(geometric_run, monkeypatch, tmp_path):
-    """``grid: geometric`` (uniform in log-SNR): every stage's levels are geometric from the teacher's top
-    level, training jumps to exactly those levels, and ``export --steps K`` reproduces them with diffusers'
-    Euler scheduler (exponential sigmas) and the same samples."""
+    """``grid: geometric`` (uniform in log-SNR) or ``edges: geometric`` (the teacher's grid, edges moved):
+    every stage's levels are geometric from the teacher's top level, training jumps to exactly those levels,
+    and ``export --steps K`` reproduces them with diffusers' Euler scheduler (exponential sigmas) and the
+    same samples."""
     from diffusers import EulerDiscreteScheduler
 
     from diffdistill.export import export_generator
@@ -194,6 +222,49 @@ def test_a_geometric_grid_outside_the_teachers_levels_is_one_clear_error(run, tm
                            (["tscd.sigma_max=1000"], "must lie within the teacher's levels")):
         with pytest.raises(UserError, match=re.escape(message)):
             build_method(_cfg(teacher, tmp_path / "run", "tscd.grid=geometric", *extra), "cpu")
+    assert not (tmp_path / "run").exists()
+
+
+def test_geometric_edges_keep_the_grids_spacing_inside_each_segment():
+    """``edges: geometric``: stage k's edges (levels jN/k) are geometric on the grid's range; between two
+    edges the N/k levels are at equal steps of the grid's fractional index (the grid's own spacing); uniform
+    edges, one segment, or a grid that is geometric already leave the levels as they are."""
+    import math
+
+    from diffdistill.methods.consistency_distillation import TSCD
+
+    n, lo, hi = 48, 0.01, 160.0
+    grid = torch.tensor([lo * (hi / lo) ** ((i / n) ** 0.7) for i in range(n + 1)])  # not geometric itself
+    log_g = grid.double().log()
+
+    def index(v: float) -> float:
+        i = min(max(int(torch.searchsorted(log_g, torch.tensor(math.log(v), dtype=torch.float64))), 1), n)
+        return i - 1 + (math.log(v) - log_g[i - 1].item()) / (log_g[i] - log_g[i - 1]).item()
+
+    assert TSCD._stage_grid(grid, 4, "uniform") is grid and TSCD._stage_grid(grid, 1, "geometric") is grid
+    for k in (2, 4, 8):
+        g = TSCD._stage_grid(grid, k, "geometric").double()
+        assert g.shape == grid.shape and bool((g[1:] > g[:-1]).all())
+        edges = g[:: n // k]
+        want = torch.tensor([lo * (hi / lo) ** (j / k) for j in range(k + 1)], dtype=torch.float64)
+        assert torch.allclose(edges, want, rtol=1e-6), (k, edges, want)
+        # fractional index of a level on the (log-linear) grid: equal steps inside each segment
+        for j in range(k):
+            u = [index(float(v)) for v in g[j * n // k: (j + 1) * n // k + 1]]
+            steps = [b - a for a, b in zip(u, u[1:])]
+            assert max(steps) - min(steps) < 1e-4 * max(steps), (k, j, steps)
+    # a grid that is geometric already: its geometric edges are its own levels, nothing moves
+    geo = torch.tensor([lo * (hi / lo) ** (i / n) for i in range(n + 1)], dtype=torch.float64)
+    assert torch.allclose(TSCD._stage_grid(geo.float(), 4, "geometric").double(), geo, rtol=1e-5)
+
+
+def test_geometric_edges_with_the_previous_stage_as_teacher_is_one_clear_error(run, tmp_path):
+    from diffdistill.errors import UserError
+    from diffdistill.training.build import build_method
+
+    _, teacher = run
+    with pytest.raises(UserError, match="edges=geometric moves each stage's solver levels.*stage_teacher to teacher"):
+        build_method(_cfg(teacher, tmp_path / "run", "tscd.edges=geometric", "tscd.stage_teacher=previous"), "cpu")
     assert not (tmp_path / "run").exists()
 
 

@@ -2,7 +2,9 @@
 
 Solver grid ``t_0 < t_1 < ... < t_N`` (the teacher's discrete timesteps with trailing spacing, a Karras
 grid, or a geometric one: ``t_i = t_0 (t_N / t_0)^(i/N)``, uniform in log-SNR), cut into ``k`` equal segments
-with edges ``t_{jN/k}``. For ``n ~ U{0..N-1}``:
+with edges ``t_{jN/k}``. With ``edges: geometric`` a k-segment stage trains on its own grid instead: edges
+``t_0 (t_N / t_0)^(j/k)`` and, inside each segment, ``N/k`` levels at the solver grid's own spacing (below,
+``t`` is the current stage's grid). For ``n ~ U{0..N-1}``:
 
     x_{n+1} = x + t_{n+1} z                                       # noised real data
     x_hat_n = solver_step(D_teacher_cfg, x_{n+1}, t_{n+1} -> t_n)  # DDIM or Heun, CFG w (or U[lo, hi])
@@ -71,6 +73,10 @@ class TSCDConfig:
     # log sigma = log-SNR, DPM-Solver's logSNR spacing; the edges of every stage then sit at the same log-SNR
     # fractions whatever the teacher's beta schedule)
     grid: Literal["teacher", "karras", "geometric"] = "teacher"
+    # where a k-segment stage's edges sit: uniform (Hyper-SD / PCM: every N/k-th grid level) | geometric
+    # (t_0 (t_N / t_0)^(j/k) on the grid's range [t_0, t_N]: uniform in log-SNR, exported as Euler with
+    # exponential sigmas; each segment's N/k solver levels keep the grid's own spacing between its edges)
+    edges: Literal["uniform", "geometric"] = "uniform"
     guidance_scale: NonNegFloat = 1.0  # teacher CFG in the solver, u + w (c - u); filled from teacher.guidance_scale
     # w ~ U[lo, hi] per sample instead of guidance_scale (PCM SD1.5: [5, 6], its LCM-style w in [4, 5])
     guidance_range: Optional[Annotated[list[NonNegFloat], Len(2, 2)]] = None
@@ -113,6 +119,8 @@ class TSCD(Method):
         self._validate(config)
         super().__init__(teacher, student, config, optim, total_steps)
         self.grid = self._solver_grid(teacher, config, self.name)  # ascending [N + 1]
+        # each stage's own levels (the grid itself unless edges: geometric moves the edges)
+        self.stage_grids = {k: self._stage_grid(self.grid, k, config.edges) for k in set(config.segments)}
         self.f = ConsistencyDenoiser(student.net, float(self.grid[0])) if config.consistency_param else student.net
         k = len(config.segments)
         self.starts = config.stage_starts or [j * total_steps // k for j in range(k)]
@@ -148,6 +156,11 @@ class TSCD(Method):
         if not c.segments or any(k < 1 or c.solver_steps % k for k in c.segments):
             raise UserError(f"{n}.solver_steps={c.solver_steps} must be divisible by every entry of "
                             f"{n}.segments={c.segments} so segment edges land on the solver grid")
+        if c.edges not in ("uniform", "geometric"):
+            raise UserError(f"{n}.edges must be uniform or geometric, got {c.edges!r}")
+        if c.edges == "geometric" and c.stage_teacher == "previous" and len(c.segments) > 1:
+            raise UserError(f"{n}.edges=geometric moves each stage's solver levels, so the previous stage's "
+                            f"edges are not levels of the next one: set {n}.stage_teacher to teacher")
         if c.stage_teacher == "previous" and any(a % b for a, b in zip(c.segments, c.segments[1:])):
             raise UserError(f"{n}.segments={c.segments}: with stage_teacher 'previous' each stage's segment "
                             "count must divide the previous one's (nested edges)")
@@ -192,6 +205,39 @@ class TSCD(Method):
             return torch.exp(torch.linspace(math.log(lo), math.log(hi), n + 1, dtype=torch.float64)).float()
         return ict_sigmas(n + 1, lo, hi, c.rho)
 
+    @staticmethod
+    def _stage_grid(grid: Tensor, k: int, edges: str) -> Tensor:
+        """The ``N + 1`` ascending levels a ``k``-segment stage trains on; its edges are levels ``jN/k``.
+
+        ``uniform``: the solver grid itself. ``geometric``: edge ``j`` is ``t_0 (t_N / t_0)^(j/k)``, and the
+        ``N/k`` levels of a segment sit at equal steps of the grid's own (fractional) index between the
+        edges' indices, the grid read log-linearly between its levels; on a teacher grid those are
+        fractional teacher timesteps at the teacher's spacing. Why: with the teacher's trailing timesteps a
+        linear-beta pixel teacher's 2-segment edge (t = 499) is sigma 3.4, about 7 sigma_data, where the
+        class of the sample is still undecided; geometric edges put it at sqrt(t_0 t_N) (1.25 there) and are
+        what diffusers' Euler scheduler with ``use_exponential_sigmas`` gives, while the levels inside each
+        segment keep the grid's spacing (a wholly geometric grid crowds them at tiny sigma)."""
+        n = len(grid) - 1
+        if edges == "uniform" or k == 1:
+            return grid
+        g = grid.double()
+        lo, hi = float(g[0]), float(g[-1])
+        e = torch.tensor([math.log(lo) + (math.log(hi) - math.log(lo)) * j / k for j in range(k + 1)],
+                         dtype=torch.float64)
+        log_g = g.log()
+        # fractional grid index of each edge: invert the piecewise log-linear map index -> log level
+        i = torch.searchsorted(log_g, e).clamp(1, n)
+        u = (i - 1) + (e - log_g[i - 1]) / (log_g[i] - log_g[i - 1])
+        u[0], u[-1] = 0.0, float(n)
+        seg = n // k
+        pos = torch.cat([u[j] + (u[j + 1] - u[j]) * torch.arange(seg, dtype=torch.float64) / seg
+                         for j in range(k)] + [u[-1:]])
+        f = pos.floor().long().clamp(max=n - 1)
+        levels = (log_g[f] + (pos - f) * (log_g[f + 1] - log_g[f])).exp()
+        levels[::seg] = e.exp()  # the edges exactly (what the exported scheduler reproduces)
+        levels[0], levels[-1] = g[0], g[-1]
+        return levels.float()
+
     def _build_head(self, teacher: Denoiser) -> None:
         """The discriminator: DMD2's small GAN head on the frozen teacher's bottleneck features."""
         from .gan_head import GANHead, feature_shape
@@ -210,7 +256,8 @@ class TSCD(Method):
     def edges(self, segments: int) -> list[float]:
         """Sampling levels of a ``segments``-segment student: the top level, then the upper edges, descending."""
         n = self.config.solver_steps
-        return [float(self.grid[n - j * (n // segments)]) for j in range(segments)]
+        grid = self.stage_grids.get(segments, self.grid)
+        return [float(grid[n - j * (n // segments)]) for j in range(segments)]
 
     def _enter_stage(self, stage: int, step: int, log: bool = True) -> dict[str, float]:
         previous, self.stage = self.stage, stage
@@ -274,7 +321,7 @@ class TSCD(Method):
                             "not prompts")
         x = batch.images.to(self.device).float()
         b, dev = x.shape[0], x.device
-        grid = self.grid.to(dev)
+        grid = self.stage_grids[c.segments[self.stage]].to(dev)
         seg = c.solver_steps // c.segments[self.stage]
         n = batch.randint(c.solver_steps, (b,)).to(dev)
         edge = (n // seg) * seg  # the segment's lower edge index
@@ -345,7 +392,7 @@ class TSCD(Method):
         dev = pred.device
         # a level inside the segment (PCM: uniform timestep in [edge, edge + T/k)); travel there from the edge
         a = edge + batch.randint(seg, (pred.shape[0],)).to(dev)
-        s_adv = self.grid.to(dev)[a]
+        s_adv = self.stage_grids[self.config.segments[self.stage]].to(dev)[a]
         hop = append_dims((s_adv**2 - s_edge**2).clamp(min=0).sqrt(), pred.ndim)
         fake = pred + hop * batch.randn(pred.shape).to(dev)
         real = target + hop * batch.randn(pred.shape).to(dev)
