@@ -12,8 +12,8 @@ each 16x16 sample 2x2-average-pooled to 8x8 and mapped from [-1, 1] to the datas
 mean over the sets with its standard error, and the mean Frechet distance between each set and the 1797 digits in
 the space of their first ``--pca`` principal components. The reference digits make the same trip as the samples
 (resized to the model's resolution as the training data is, then pooled back): the round trip alone blurs them
-enough to read about 100 against the raw 8x8 digits, while 500 of the round-tripped digits read about 5. 8 x 500 samples take about a minute per student, several for a
-40-step teacher, on one core.
+enough to read about 100 against the raw 8x8 digits, while 500 of the round-tripped digits read about 5. 8 x 500
+samples take about a minute per student, several for a 40-step teacher, on one core.
 """
 
 from __future__ import annotations
