@@ -165,6 +165,12 @@ def ict_sigmas(num_levels: int, sigma_min: float = 0.002, sigma_max: float = 80.
     return karras_sigmas(num_levels, sigma_min, sigma_max, rho).flip(0)
 
 
+def geometric_sigmas(num_levels: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """``num_levels`` ascending levels ``s_min (s_max / s_min)^(i / (num_levels - 1))``, uniform in log sigma
+    (= log-SNR), float64."""
+    return torch.exp(torch.linspace(math.log(sigma_min), math.log(sigma_max), num_levels, dtype=torch.float64))
+
+
 def lognormal_level_probs(sigmas: Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
     """``p(i) ∝ erf((ln s_{i+1} - Pm) / (sqrt2 Ps)) - erf((ln s_i - Pm) / (sqrt2 Ps))``, i = 0 .. N-2.
 

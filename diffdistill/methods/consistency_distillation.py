@@ -57,7 +57,7 @@ from ..schema import Count, Len, MinLen, NonNegFloat, PositiveFloat, PositiveInt
 from ..students import Student, freeze
 from .base import Batch, Method, OptimConfig, StepOutput
 from .consistency import (LOSSES, ConsistencyDenoiser, consistency_distance, ddim_jump, draw_seed, fixed_rng,
-                          guided_denoiser, ict_sigmas, solver_step)
+                          geometric_sigmas, guided_denoiser, ict_sigmas, solver_step)
 
 
 @dataclass
@@ -202,7 +202,7 @@ class TSCD(Method):
             if discrete and not (teacher.sigma_min * (1 - 1e-6) <= lo and hi <= teacher.sigma_max * (1 + 1e-6)):
                 raise UserError(f"{name}.sigma_min / sigma_max ({lo:g}, {hi:g}) must lie within the teacher's levels "
                                 f"[{teacher.sigma_min:g}, {teacher.sigma_max:g}]")
-            return torch.exp(torch.linspace(math.log(lo), math.log(hi), n + 1, dtype=torch.float64)).float()
+            return geometric_sigmas(n + 1, lo, hi).float()
         return ict_sigmas(n + 1, lo, hi, c.rho)
 
     @staticmethod
@@ -221,9 +221,8 @@ class TSCD(Method):
         if edges == "uniform" or k == 1:
             return grid
         g = grid.double()
-        lo, hi = float(g[0]), float(g[-1])
-        e = torch.tensor([math.log(lo) + (math.log(hi) - math.log(lo)) * j / k for j in range(k + 1)],
-                         dtype=torch.float64)
+        edges_at = geometric_sigmas(k + 1, float(g[0]), float(g[-1]))
+        e = edges_at.log()
         log_g = g.log()
         # fractional grid index of each edge: invert the piecewise log-linear map index -> log level
         i = torch.searchsorted(log_g, e).clamp(1, n)
@@ -234,7 +233,7 @@ class TSCD(Method):
                          for j in range(k)] + [u[-1:]])
         f = pos.floor().long().clamp(max=n - 1)
         levels = (log_g[f] + (pos - f) * (log_g[f + 1] - log_g[f])).exp()
-        levels[::seg] = e.exp()  # the edges exactly (what the exported scheduler reproduces)
+        levels[::seg] = edges_at  # the edges exactly (what the exported scheduler reproduces)
         levels[0], levels[-1] = g[0], g[-1]
         return levels.float()
 
